@@ -1,0 +1,51 @@
+"""``python -m klsweep [overrides]``: check the command line, then hand it to Hydra."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from klsweep.config import CONF_DIR, ConfigError, check_overrides, compose_and_validate
+
+# Flags after which Hydra prints and exits without running a job.
+_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve",
+               "--shell-completion", "-sc", "--version"}
+_MAX_GRID_CHECK = 256
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> dict[str, Any]:
+    from klsweep.train import train
+
+    hydra_cfg = HydraConfig.get()
+    group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
+    return train(cfg, Path(hydra_cfg.runtime.output_dir), group=group)
+
+
+def precheck(args: list[str]) -> None:
+    """Validate every job the command line describes before Hydra creates a run dir."""
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    combos = check_overrides(overrides)
+    for combo in combos[:_MAX_GRID_CHECK]:
+        compose_and_validate(combo)
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if not _INFO_FLAGS.intersection(args):
+        try:
+            precheck(args)
+        except ConfigError as err:
+            print(f"klsweep: error: {err}", file=sys.stderr)
+            sys.exit(2)
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

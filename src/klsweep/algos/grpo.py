@@ -1,0 +1,105 @@
+"""GRPO (Shao et al. 2024, DeepSeekMath): G completions per prompt, group-normalised
+advantages, PPO's clipped ratio, and the KL penalty in the loss (or the reward).
+
+The step reads top to bottom: sample groups → reward → reference log-probs → advantages →
+μ clipped updates. The math is in the pure functions below it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from klsweep.algos.common import aggregate, clipped_surrogate
+from klsweep.kl import masked_sum
+
+if TYPE_CHECKING:
+    from klsweep.module import KLPolicyModule
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale: str = "group",
+                     eps: float = 1e-4) -> Tensor:
+    """Advantages [B] of rewards [B] laid out as consecutive groups of ``group_size``
+    completions of one prompt: the reward minus its group's mean, divided by the group's std
+    (``group``, the GRPO paper), the whole batch's std (``batch``) or nothing (``none``,
+    Dr. GRPO). ``eps`` keeps groups of equal rewards at zero advantage (TRL uses 1e-4)."""
+    grouped = rewards.view(-1, group_size)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        centred = centred / (rewards.std() + eps)
+    elif scale != "none":
+        raise ValueError(f"unknown advantage scaling {scale!r} (allowed: group, batch, none)")
+    return centred.reshape(-1)
+
+
+def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
+              clip_eps: float, loss_agg: str, kl: Tensor | None = None,
+              beta: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO's loss: the clipped surrogate on sequence advantages [B] broadcast over tokens,
+    plus ``beta`` times the per-token KL term ``kl`` [B, N] when the KL is in the loss, both
+    aggregated the same way over the completion ``mask``."""
+    surrogate, ratio, clipped = clipped_surrogate(logp, old_logp, advantages, clip_eps)
+    policy_loss = aggregate(surrogate, mask, loss_agg)
+    kl_loss = aggregate(kl, mask, loss_agg) if kl is not None else logp.new_zeros(())
+    loss = policy_loss + beta * kl_loss
+    stats = {"loss/policy": policy_loss.detach(), "loss/kl": kl_loss.detach(),
+             "loss/total": loss.detach(),
+             "policy/clipfrac": aggregate(clipped.float(), mask, "token").detach(),
+             "policy/ratio": aggregate(ratio.detach(), mask, "token")}
+    return loss, stats
+
+
+class GRPO:
+    """The GRPO step, orchestrated through the module's services."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+
+    def prompts_per_step(self) -> int:
+        return self.config.prompts_per_step
+
+    def beta_seq(self, m: KLPolicyModule, beta: float, metrics: dict[str, float]) -> float:
+        """The coefficient on sequence-level KL that this step applies for ``beta``: in the
+        reward it is β itself (β·Σ_t k_t); in a per-token-mean loss it is β/L̄ with L̄ the
+        mean completion length (exact for ``sequence`` aggregation, for ``token`` in
+        expectation)."""
+        if m.cfg.kl.placement == "reward":
+            return beta
+        if m.cfg.kl.placement == "none":
+            return 0.0
+        return beta / max(metrics["policy/length"], 1.0)
+
+    def step(self, m: KLPolicyModule, prompts: Tensor) -> dict[str, float]:
+        c, kl_cfg = self.config, m.cfg.kl
+        rollout = m.sample(prompts, c.group_size)
+        completions, mask = rollout.completions, rollout.mask
+        rewards = m.task.reward(completions, mask)
+        ref_logits, ref_logp = m.reference_logprobs(rollout)
+        logits, logp = m.policy_logprobs(rollout)
+        metrics = m.rollout_metrics(rollout, rewards, logits.detach(), logp.detach(),
+                                    ref_logits, ref_logp)
+        beta = m.schedule.beta
+
+        shaped = rewards
+        if kl_cfg.placement == "reward":
+            # The sequence reward minus β·Σ_t k(l_t), detached (Ziegler et al. 2019).
+            kl_t = m.kl_values(logp.detach(), ref_logp, logits.detach(), ref_logits)
+            shaped = rewards - beta * masked_sum(kl_t, mask)
+        advantages = group_advantages(shaped, c.group_size, c.scale_rewards)
+
+        for update in range(c.updates_per_rollout):
+            if update > 0:
+                logits, logp = m.policy_logprobs(rollout)
+            old_logp = rollout.old_logp if c.updates_per_rollout > 1 else logp.detach()
+            kl_term = (m.kl_loss_term(logp, ref_logp, logits, ref_logits, old_logp)
+                       if kl_cfg.placement == "loss" else None)
+            loss, stats = grpo_loss(logp, old_logp, advantages, mask, clip_eps=c.clip_eps,
+                                    loss_agg=c.loss_agg, kl=kl_term, beta=beta)
+            m.optimize(loss)
+            if update == 0:
+                metrics.update({k: float(v) for k, v in stats.items()})
+        return metrics

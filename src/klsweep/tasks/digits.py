@@ -1,0 +1,102 @@
+"""The default task: a small synthetic language of digits, and a reward that pulls away from it.
+
+Language: ``BOS d d d d`` prompts, then a completion of ``min_len``..``max_len`` digits and
+EOS. Each digit follows the previous one by +1 (mod 10) with probability ``p_step``, else it
+is uniform; after ``min_len`` digits the sequence ends with probability ``p_stop``.
+
+Reward: the mean digit of the completion divided by 9, in [0, 1]. The reference language
+scores about 0.5; the string of all nines scores 1 and is nearly impossible under the
+reference (per-token KL ≈ 3 nats). Without a KL penalty the policy collapses onto it (reward
+hacking); with one it keeps the language and leans toward larger digits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from klsweep.models.tiny import TinyGPT
+from klsweep.tasks.base import Task, cached_model, train_language_model
+
+
+@dataclass
+class DigitsConfig:
+    prompt_digits: int = 4
+    min_len: int = 8
+    max_len: int = 12
+    p_step: float = 0.6
+    p_stop: float = 0.25
+    reference_steps: int = 300
+    reference_batch_size: int = 128
+    reference_lr: float = 3e-3
+    reference_seed: int = 1234
+    cache_dir: str = "~/.cache/klsweep"
+
+
+class DigitsTask(Task):
+    name = "digits"
+    BOS, EOS = 10, 11
+
+    def __init__(self, config: DigitsConfig) -> None:
+        self.config = config
+        self.vocab_size = 12
+        self.eos_id = self.EOS
+        self.prompt_len = 1 + config.prompt_digits
+        self.max_new_tokens = config.max_len + 1
+
+    def _next_digits(self, prev: Tensor, generator: torch.Generator) -> Tensor:
+        step = torch.rand(prev.shape, generator=generator) < self.config.p_step
+        uniform = torch.randint(0, 10, prev.shape, generator=generator)
+        return torch.where(step, (prev + 1) % 10, uniform)
+
+    def _sample_digits(self, n: int, length: int, generator: torch.Generator,
+                       first: Tensor | None = None) -> Tensor:
+        digits = torch.empty(n, length, dtype=torch.long)
+        prev = torch.randint(0, 10, (n,), generator=generator) if first is None else first
+        for t in range(length):
+            prev = self._next_digits(prev, generator) if (t > 0 or first is not None) else prev
+            digits[:, t] = prev
+        return digits
+
+    def sample_prompts(self, n: int, generator: torch.Generator) -> Tensor:
+        digits = self._sample_digits(n, self.config.prompt_digits, generator)
+        return torch.cat([torch.full((n, 1), self.BOS, dtype=torch.long), digits], dim=1)
+
+    def sample_sequences(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Prompts and completions from the language itself: tokens [n, P+N] and the mask of
+        next-token targets to learn (the completion up to and including EOS)."""
+        c = self.config
+        prompts = self.sample_prompts(n, generator)
+        body = self._sample_digits(n, c.max_len, generator, first=prompts[:, -1])
+        extra = torch.rand(n, c.max_len - c.min_len, generator=generator) >= c.p_stop
+        # length = min_len + number of "continue" draws before the first "stop"
+        length = c.min_len + extra.long().cumprod(dim=1).sum(dim=1)
+        positions = torch.arange(self.max_new_tokens)
+        completion = torch.full((n, self.max_new_tokens), self.EOS, dtype=torch.long)
+        completion[:, : c.max_len] = body
+        completion = torch.where(positions < length[:, None], completion, self.EOS)
+        tokens = torch.cat([prompts, completion], dim=1)
+        targets = torch.cat([torch.ones(n, self.prompt_len - 1, dtype=torch.bool),
+                             positions[None] <= length[:, None]], dim=1)
+        return tokens, targets.float()
+
+    def reward(self, completions: Tensor, mask: Tensor) -> Tensor:
+        is_digit = mask & (completions < 10)
+        digit_sum = torch.where(is_digit, completions, 0).sum(1).float()
+        return digit_sum / (9.0 * is_digit.sum(1).clamp(min=1).float())
+
+    def reference_model(self, model_config: dict[str, Any]) -> TinyGPT:
+        c = self.config
+        config = self.model_config(model_config)
+        key = {"task": self.name, "language": asdict(c) | {"cache_dir": None},
+               "model": asdict(config)}
+
+        def train(model: TinyGPT) -> None:
+            train_language_model(
+                model, lambda g: self.sample_sequences(c.reference_batch_size, g),
+                steps=c.reference_steps, lr=c.reference_lr, seed=c.reference_seed)
+
+        return cached_model(c.cache_dir, key, config, train)

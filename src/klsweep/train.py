@@ -1,0 +1,124 @@
+"""One run: build the objects the config names, fit, write the record, return the final
+metrics (the values a sweeper optimises)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from klsweep.algos import ALGORITHMS
+from klsweep.config import validate
+from klsweep.module import KLPolicyModule, RunFailed
+from klsweep.records import (
+    JsonlLogger,
+    make_wandb_logger,
+    summarize,
+    versions,
+    wandb_mode,
+    write_json,
+)
+from klsweep.tasks import build_task
+
+log = logging.getLogger("klsweep")
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "dropout")
+
+
+def run_name(cfg: DictConfig) -> str:
+    return cfg.name or f"{cfg.algo.name}-{cfg.kl.estimator}-{cfg.kl.schedule.name}-s{cfg.seed}"
+
+
+def build_module(cfg: DictConfig) -> KLPolicyModule:
+    task = build_task(cfg.task)
+    reference = task.reference_model({k: cfg.model[k] for k in MODEL_KEYS})
+    policy = copy.deepcopy(reference).train().requires_grad_(True)
+    algorithm = ALGORITHMS[cfg.algo.name](cfg.algo)
+    return KLPolicyModule(cfg, task, policy, reference, algorithm)
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path, group: str | None) -> list:
+    loggers: list = [JsonlLogger(run_dir / "metrics.jsonl")]
+    if cfg.logger.name == "wandb":
+        loggers.append(make_wandb_logger(
+            run_dir=run_dir, project=cfg.logger.project, group=cfg.logger.group or group,
+            name=run_name(cfg), job_type=cfg.algo.name,
+            tags=[cfg.algo.name, cfg.kl.estimator, cfg.kl.schedule.name, cfg.task.name],
+            config=OmegaConf.to_container(cfg, resolve=True), mode=wandb_mode(cfg.logger.mode)))
+    elif cfg.logger.name == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        loggers.append(CSVLogger(run_dir, name="csv"))
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
+    return [ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best",
+                            monitor="reward/mean", mode="max", save_last=True,
+                            every_n_train_steps=cfg.checkpoint.every)]
+
+
+def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str, Any]:
+    """Fit the configured run in ``run_dir``; return the summary (also in summary.json).
+    A failed run writes its summary with the reason and raises."""
+    validate(cfg)
+    started = time.perf_counter()
+    L.seed_everything(cfg.seed, verbose=False)
+    warnings.filterwarnings("ignore", module="lightning")
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    module = build_module(cfg)
+    loggers = build_loggers(cfg, run_dir, group)
+    trainer = L.Trainer(
+        max_epochs=1, logger=loggers, callbacks=build_callbacks(cfg, run_dir),
+        default_root_dir=run_dir, enable_model_summary=False, num_sanity_val_steps=0,
+        log_every_n_steps=1, **OmegaConf.to_container(cfg.trainer, resolve=True))
+    status, reason, error = "completed", None, None
+    fit_started = time.perf_counter()
+    try:
+        trainer.fit(module)
+    except RunFailed as err:
+        status, reason, error = err.status, str(err), err
+    except BaseException as err:
+        status, reason, error = "failed", f"{type(err).__name__}: {err}", err
+    fit_s = time.perf_counter() - fit_started
+
+    history = module.history
+    tokens = sum(row.get("perf/tokens", 0.0) for row in history)
+    summary: dict[str, Any] = {
+        "status": status, "reason": reason, "name": run_name(cfg),
+        "algo": cfg.algo.name, "estimator": cfg.kl.estimator,
+        "schedule": cfg.kl.schedule.name, "placement": cfg.kl.placement, "task": cfg.task.name,
+        "seed": cfg.seed, "steps": cfg.steps, "steps_done": len(history),
+        "wall_time_s": time.perf_counter() - started, "fit_time_s": fit_s,
+        "perf/tokens_per_s": tokens / fit_s if fit_s > 0 else 0.0,
+        **summarize(history),
+        "run_dir": str(run_dir), "versions": versions(),
+    }
+    summary["perf/tokens_per_s_final"] = summary.pop("perf/tokens_per_s_final", 0.0)
+    for logger in loggers:
+        if hasattr(logger, "experiment") and logger.name != "jsonl" and cfg.logger.name == "wandb":
+            logger.experiment.summary.update(
+                {k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+            summary["wandb_dir"] = logger.experiment.dir
+            logger.experiment.finish(exit_code=0 if status == "completed" else 1)
+    write_json(run_dir / "summary.json", summary)
+    log.info(summary_line(summary))
+    if error is not None:
+        raise error
+    return summary
+
+
+def summary_line(s: dict[str, Any]) -> str:
+    return (f"klsweep: {s['name']} {s['status']} after {s['steps_done']}/{s['steps']} steps in "
+            f"{s['wall_time_s']:.1f} s · reward {s.get('reward/final', float('nan')):.3f} · "
+            f"KL {s.get('kl/final', float('nan')):.4f} nats/token · "
+            f"β {s.get('kl/beta_final', float('nan')):.4g} · "
+            f"{s['perf/tokens_per_s']:,.0f} tokens/s → {s['run_dir']}"
+            + (f" ({s['reason']})" if s["reason"] else ""))
