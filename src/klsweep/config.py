@@ -57,6 +57,56 @@ class GRPOSchema:
 
 
 @dataclass
+class PPOSchema:
+    name: str = spec(kind="choice", choices=("ppo",))
+    kl_placement: str = spec(kind="choice", choices=("reward", "loss", "none"))
+    kl_estimator: str = spec(kind="choice", choices=ESTIMATORS)
+    prompts_per_step: int = spec(kind="integer", ge=1)
+    samples_per_prompt: int = spec(kind="integer", ge=1)
+    ppo_epochs: int = spec(kind="integer", ge=1)
+    minibatches: int = spec(kind="integer", ge=1)
+    clip_eps: float = spec(kind="number", gt=0)
+    vf_clip: float | None = spec(kind="number", gt=0, optional=True)
+    vf_coef: float = spec(kind="number", ge=0)
+    gamma: float = spec(kind="number", ge=0, le=1)
+    lam: float = spec(kind="number", ge=0, le=1)
+    whiten_advantages: bool = spec(kind="bool")
+
+    @staticmethod
+    def check_run(cfg: DictConfig) -> None:
+        rollouts = cfg.algo.prompts_per_step * cfg.algo.samples_per_prompt
+        if cfg.algo.minibatches > rollouts:
+            raise ConfigError(f"algo.minibatches must be <= the rollouts per step, "
+                              f"prompts_per_step × samples_per_prompt = {rollouts} "
+                              f"(got {cfg.algo.minibatches})")
+
+
+@dataclass
+class DPOSchema:
+    name: str = spec(kind="choice", choices=("dpo",))
+    kl_placement: str = spec(kind="choice", choices=("none",))
+    kl_estimator: str = spec(kind="choice", choices=ESTIMATORS)
+    loss: str = spec(kind="choice", choices=("sigmoid", "ipo", "hinge"))
+    label_smoothing: float = spec(kind="number", ge=0, lt=0.5)
+    labels: str = spec(kind="choice", choices=("bradley_terry", "deterministic"))
+    online: bool = spec(kind="bool")
+    pairs_per_step: int = spec(kind="integer", ge=1)
+    dataset_pairs: int = spec(kind="integer", ge=1)
+    eval_every: int = spec(kind="integer", ge=1)
+    eval_prompts: int = spec(kind="integer", ge=1)
+    eval_samples_per_prompt: int = spec(kind="integer", ge=1)
+
+    @staticmethod
+    def check_run(cfg: DictConfig) -> None:
+        if cfg.kl.placement != "none":
+            raise ConfigError(f"kl.placement must be none for algo=dpo: DPO's β is the KL "
+                              f"coefficient of its own loss (got {_describe(cfg.kl.placement)})")
+        if not cfg.kl.beta > 0:
+            raise ConfigError(f"kl.beta must be > 0 for algo=dpo: it is DPO's β "
+                              f"(got {cfg.kl.beta})")
+
+
+@dataclass
 class DigitsSchema:
     name: str = spec(kind="choice", choices=("digits",))
     prompt_digits: int = spec(kind="integer", ge=1)
@@ -123,7 +173,7 @@ class LoggerSchema:
     mode: str = spec("auto", kind="choice", choices=("auto", "online", "offline"))
 
 
-ALGO_SCHEMAS: dict[str, type] = {"grpo": GRPOSchema}
+ALGO_SCHEMAS: dict[str, type] = {"grpo": GRPOSchema, "ppo": PPOSchema, "dpo": DPOSchema}
 TASK_SCHEMAS: dict[str, type] = {"digits": DigitsSchema}
 MODEL_SCHEMAS: dict[str, type] = {"tiny": TinyModelSchema}
 
@@ -247,6 +297,9 @@ def validate(cfg: DictConfig) -> None:
     _check_choice_node("algo", cfg.algo, ALGO_SCHEMAS)
     check_node("kl", cfg.kl, KLSchema)
     _check_schedule(cfg.kl)
+    algo_check = getattr(ALGO_SCHEMAS[cfg.algo.name], "check_run", None)
+    if algo_check is not None:  # checks that span the algo node and the rest of the config
+        algo_check(cfg)
     _check_choice_node("task", cfg.task, TASK_SCHEMAS)
     _check_choice_node("model", cfg.model, MODEL_SCHEMAS)
     if cfg.model.n_embd % cfg.model.n_head:

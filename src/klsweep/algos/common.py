@@ -30,3 +30,14 @@ def clipped_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor,
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages
     return -torch.minimum(unclipped, clipped), ratio, clipped < unclipped
+
+
+def sequence_kl_coefficient(placement: str, beta: float, mean_length: float) -> float:
+    """The coefficient on sequence-level KL that β applies, for comparing algorithms and
+    for the exact task's optimum: in the reward it is β itself (β·Σ_t k_t); in a
+    per-token-mean loss it is β/L̄ with L̄ the mean completion length; with no penalty, 0."""
+    if placement == "reward":
+        return beta
+    if placement == "none":
+        return 0.0
+    return beta / max(mean_length, 1.0)

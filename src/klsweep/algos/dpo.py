@@ -1,0 +1,240 @@
+"""DPO (Rafailov et al. 2023) and its IPO and hinge variants on preference pairs labelled from
+the task reward, with DPO's β taken from the KL schedule.
+
+Pairs are two completions of one prompt. Offline (default), they are sampled once from π_ref,
+labelled once by Bradley–Terry sampling, P(a ≻ b) = σ(r_a − r_b), and their reference
+log-probs computed once: a fixed preference data set, like the ones DPO is trained on.
+Bradley–Terry labels make the minimiser of the sigmoid loss the KL-regularised optimum
+π* ∝ π_ref·exp(r/β). Online (``algo.online``), fresh pairs come from the current policy.
+
+DPO has no KL term: β *is* the coefficient of the sequence-level KL in the objective it
+solves. KL(π‖π_ref) is measured on fresh policy samples: every step online (the pairs are
+such samples), every ``algo.eval_every`` steps offline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from klsweep.kl import masked_sum
+from klsweep.rollout import Rollout, generate
+
+if TYPE_CHECKING:
+    from klsweep.module import KLPolicyModule
+
+LOSSES = ("sigmoid", "ipo", "hinge")
+LABELS = ("bradley_terry", "deterministic")
+# offline pairs are sampled from π_ref in chunks of this many prompts (bounds the KV cache)
+_DATASET_CHUNK = 1024
+
+
+def bradley_terry_labels(rewards_a: Tensor, rewards_b: Tensor,
+                         generator: torch.Generator | None = None) -> Tensor:
+    """Whether ``a`` is preferred [B] (bool), drawn with P(a ≻ b) = σ(r_a − r_b)."""
+    p_a = torch.sigmoid(rewards_a - rewards_b)
+    return torch.rand(p_a.shape, generator=generator, device=p_a.device) < p_a
+
+
+def deterministic_labels(rewards_a: Tensor, rewards_b: Tensor,
+                         generator: torch.Generator | None = None) -> Tensor:
+    """Whether ``a`` is preferred [B]: the higher reward wins, ties by a fair coin."""
+    coin = torch.rand(rewards_a.shape, generator=generator, device=rewards_a.device) < 0.5
+    return torch.where(rewards_a == rewards_b, coin, rewards_a > rewards_b)
+
+
+def preference_labels(rewards_a: Tensor, rewards_b: Tensor, kind: str,
+                      generator: torch.Generator | None = None) -> Tensor:
+    if kind == "bradley_terry":
+        return bradley_terry_labels(rewards_a, rewards_b, generator)
+    if kind == "deterministic":
+        return deterministic_labels(rewards_a, rewards_b, generator)
+    raise ValueError(f"unknown preference labels {kind!r} (allowed: {', '.join(LABELS)})")
+
+
+def _pair_loss(h: Tensor, beta: float, loss_type: str) -> Tensor:
+    if loss_type == "sigmoid":
+        return -F.logsigmoid(beta * h)
+    if loss_type == "ipo":
+        if beta <= 0:
+            raise ValueError(f"the ipo loss needs beta > 0 (got {beta})")
+        return (h - 1.0 / (2.0 * beta)).square()
+    if loss_type == "hinge":
+        return torch.relu(1.0 - beta * h)
+    raise ValueError(f"unknown DPO loss {loss_type!r} (allowed: {', '.join(LOSSES)})")
+
+
+def dpo_loss(chosen_logratio: Tensor, rejected_logratio: Tensor, beta: float,
+             loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-pair preference losses [B] from the sequence log-ratios log π(y)/π_ref(y) of the
+    chosen and rejected completions, with ``h`` their difference:
+
+    * ``sigmoid`` (DPO, Rafailov et al. 2023): ``−log σ(β·h)``;
+    * ``ipo`` (Azar et al. 2023): ``(h − 1/(2β))²``;
+    * ``hinge`` (SLiC, Zhao et al. 2023): ``max(0, 1 − β·h)``.
+
+    ``label_smoothing`` ε treats each label as flipped with probability ε,
+    ``(1−ε)·ℓ(h) + ε·ℓ(−h)``: for ``sigmoid`` this is conservative DPO (Mitchell 2023, TRL's
+    ``label_smoothing``). Returns (losses, chosen rewards, rejected rewards) with the
+    implicit rewards ``β·log π/π_ref`` detached."""
+    h = chosen_logratio - rejected_logratio
+    losses = _pair_loss(h, beta, loss_type)
+    if label_smoothing > 0:
+        losses = (1.0 - label_smoothing) * losses + label_smoothing * _pair_loss(-h, beta,
+                                                                                  loss_type)
+    return losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
+
+
+def order_pairs(rollout: Rollout, a_preferred: Tensor) -> Tensor:
+    """Row order [2B] that puts each pair (rows 2i, 2i+1) as chosen then rejected."""
+    first = torch.arange(0, rollout.tokens.shape[0], 2, device=a_preferred.device)
+    chosen = torch.where(a_preferred, first, first + 1)
+    return torch.stack([chosen, 2 * first - chosen + 1], dim=1).reshape(-1)
+
+
+def _rows(rollout: Rollout, index: Tensor) -> Rollout:
+    return Rollout(tokens=rollout.tokens[index], mask=rollout.mask[index],
+                   old_logp=rollout.old_logp[index], prompt_len=rollout.prompt_len)
+
+
+@dataclass
+class PreferencePairs:
+    """Pairs as rows (2i, 2i+1) = (chosen, rejected) of ``rollout``, with each row's task
+    reward and sequence log-prob under π_ref."""
+
+    rollout: Rollout
+    rewards: Tensor
+    ref_logp: Tensor
+
+    def __len__(self) -> int:
+        return self.rollout.tokens.shape[0] // 2
+
+    def pairs(self, index: Tensor) -> PreferencePairs:
+        rows = torch.stack([2 * index, 2 * index + 1], dim=1).reshape(-1)
+        return PreferencePairs(_rows(self.rollout, rows), self.rewards[rows],
+                               self.ref_logp[rows])
+
+
+class DPO:
+    """The DPO step, orchestrated through the module's services."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self.dataset: PreferencePairs | None = None
+        self.order = torch.empty(0, dtype=torch.long)
+        self.last_eval: dict[str, float] = {}
+
+    def prompts_per_step(self) -> int:
+        c = self.config
+        return c.pairs_per_step if c.online else c.eval_prompts
+
+    def beta_seq(self, m: KLPolicyModule, beta: float, metrics: dict[str, float]) -> float:
+        """DPO solves max E[r] − β·KL(π‖π_ref) over sequences: β is the sequence coefficient."""
+        return beta
+
+    # --- pairs --------------------------------------------------------------------------------
+    def _labelled(self, m: KLPolicyModule, rollout: Rollout) -> tuple[Rollout, Tensor]:
+        """The pairs (rows 2i, 2i+1) of ``rollout`` labelled from the task reward and
+        reordered chosen, rejected; and the reordered rewards."""
+        rewards = m.task.reward(rollout.completions, rollout.mask)
+        a_preferred = preference_labels(rewards[0::2], rewards[1::2], self.config.labels)
+        order = order_pairs(rollout, a_preferred)
+        return _rows(rollout, order), rewards[order]
+
+    @torch.no_grad()
+    def _reference_dataset(self, m: KLPolicyModule) -> PreferencePairs:
+        """``dataset_pairs`` pairs of π_ref samples on fresh prompts, labelled once, with
+        their reference log-probs computed once."""
+        c, task = self.config, m.task
+        generator = torch.Generator().manual_seed(m.cfg.seed)
+        chunks = []
+        for start in range(0, c.dataset_pairs, _DATASET_CHUNK):
+            n = min(_DATASET_CHUNK, c.dataset_pairs - start)
+            prompts = task.sample_prompts(n, generator).to(m.device)
+            m.reference.eval()
+            rollout, rewards = self._labelled(m, generate(
+                m.reference, prompts, n_per_prompt=2, max_new_tokens=task.max_new_tokens,
+                eos_id=task.eos_id, temperature=m.cfg.rollout.temperature))
+            _, ref_logp = m.reference_logprobs(rollout)
+            chunks.append(PreferencePairs(rollout, rewards, masked_sum(ref_logp, rollout.mask)))
+        rollout = Rollout(tokens=torch.cat([p.rollout.tokens for p in chunks]),
+                          mask=torch.cat([p.rollout.mask for p in chunks]),
+                          old_logp=torch.cat([p.rollout.old_logp for p in chunks]),
+                          prompt_len=chunks[0].rollout.prompt_len)
+        return PreferencePairs(rollout, torch.cat([p.rewards for p in chunks]),
+                               torch.cat([p.ref_logp for p in chunks]))
+
+    def _next_offline_batch(self, m: KLPolicyModule) -> PreferencePairs:
+        """The next ``pairs_per_step`` pairs of the data set, in a fresh order each epoch."""
+        if self.dataset is None:
+            self.dataset = self._reference_dataset(m)
+        n = self.config.pairs_per_step
+        if self.order.numel() < n:
+            self.order = torch.cat([self.order, torch.randperm(len(self.dataset))])
+        index, self.order = self.order[:n], self.order[n:]
+        return self.dataset.pairs(index.to(m.device))
+
+    # --- measurement --------------------------------------------------------------------------
+    @torch.no_grad()
+    def _evaluate(self, m: KLPolicyModule, prompts: Tensor) -> dict[str, float]:
+        """KL and reward of fresh policy samples, with the keys every algorithm logs."""
+        rollout = m.sample(prompts, self.config.eval_samples_per_prompt)
+        rewards = m.task.reward(rollout.completions, rollout.mask)
+        ref_logits, ref_logp = m.reference_logprobs(rollout)
+        logits, logp = m.policy_logprobs(rollout)
+        return m.rollout_metrics(rollout, rewards, logits, logp, ref_logits, ref_logp)
+
+    # --- the step -----------------------------------------------------------------------------
+    def step(self, m: KLPolicyModule, prompts: Tensor) -> dict[str, float]:
+        if self.config.online:
+            rollout, rewards = self._labelled(m, m.sample(prompts, 2))
+            ref_logits, ref_logp = m.reference_logprobs(rollout)
+            logits, logp = m.policy_logprobs(rollout)
+            # the pairs are fresh policy samples: KL and reward are measured on them, pre-update
+            metrics = m.rollout_metrics(rollout, rewards, logits.detach(), logp.detach(),
+                                        ref_logits, ref_logp)
+            batch = PreferencePairs(rollout, rewards, masked_sum(ref_logp, rollout.mask))
+        else:
+            metrics = self._offline_measurement(m, prompts)
+            batch = self._next_offline_batch(m)
+            _, logp = m.policy_logprobs(batch.rollout)
+            # tokens this step handled: those sampled to measure, plus the pairs trained on
+            metrics["perf/tokens"] += float(batch.rollout.mask.sum())
+        metrics.update(self._update(m, batch, logp))
+        return metrics
+
+    def _offline_measurement(self, m: KLPolicyModule, prompts: Tensor) -> dict[str, float]:
+        """A fresh measurement every ``eval_every`` steps; between them the last one is
+        carried with ``perf/samples`` = 0, which says that nothing was sampled (and makes the
+        adaptive schedule leave β where it is)."""
+        if m.step_count % self.config.eval_every == 0 or not self.last_eval:
+            self.last_eval = self._evaluate(m, prompts)
+            return {**self.last_eval, "dpo/fresh_eval": 1.0}
+        return {**self.last_eval, "perf/samples": 0.0, "perf/tokens": 0.0,
+                "dpo/fresh_eval": 0.0}
+
+    def _update(self, m: KLPolicyModule, batch: PreferencePairs,
+                logp: Tensor) -> dict[str, float]:
+        """One optimiser step on the DPO loss of ``batch``, given the policy's log-probs."""
+        c, beta = self.config, m.schedule.beta
+        logratio = (masked_sum(logp, batch.rollout.mask) - batch.ref_logp).view(-1, 2)
+        losses, chosen, rejected = dpo_loss(logratio[:, 0], logratio[:, 1], beta, c.loss,
+                                            c.label_smoothing)
+        loss = losses.mean()
+        m.optimize(loss)
+        scores = batch.rewards.view(-1, 2)
+        return {
+            "loss/dpo": float(loss.detach()),
+            "loss/total": float(loss.detach()),
+            "dpo/margin": float((chosen - rejected).mean()),
+            "dpo/accuracy": float((chosen > rejected).float().mean()),
+            "dpo/chosen_reward": float(chosen.mean()),
+            "dpo/rejected_reward": float(rejected.mean()),
+            "dpo/score_gap": float((scores[:, 0] - scores[:, 1]).mean()),
+            "dpo/pairs": float(scores.shape[0]),
+        }

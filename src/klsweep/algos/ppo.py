@@ -1,0 +1,203 @@
+"""PPO for language models (Schulman et al. 2017; Ziegler et al. 2019): a value head, per-token
+KL in the reward, GAE, whitened advantages, clipped policy and value losses, several epochs of
+minibatch updates per rollout.
+
+The step reads top to bottom: sample → reward → reference log-probs → values → per-token
+rewards → GAE → epochs × minibatches of clipped updates. The math is in the pure functions.
+
+The value head reads the policy's final hidden states, *detached*: the critic costs one small
+MLP instead of a second transformer, and no value-loss gradient reaches the policy, so the
+policy drifts from π_ref only through its own loss and the KL term, as in GRPO and DPO.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from klsweep.algos.common import clipped_surrogate, sequence_kl_coefficient
+from klsweep.kl import masked_mean
+from klsweep.rollout import Rollout
+
+if TYPE_CHECKING:
+    from klsweep.models.tiny import TinyGPT
+    from klsweep.module import KLPolicyModule
+
+
+def token_rewards(scores: Tensor, mask: Tensor, kl: Tensor | None = None,
+                  beta: float = 0.0) -> Tensor:
+    """Per-token rewards [B, N]: ``-β·kl`` on every completion token (when ``kl`` [B, N] is
+    given) plus the sequence score [B] on the last token of ``mask`` (Ziegler et al. 2019)."""
+    rewards = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device)
+    if kl is not None:
+        rewards = -beta * kl.to(scores.dtype) * mask
+    last = (mask.sum(1) - 1).clamp(min=0)
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    rewards[rows, last] += scores * mask.any(1)
+    return rewards
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float,
+        lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over completion tokens.
+
+    ``δ_t = r_t + γ·V_{t+1} − V_t`` and ``A_t = δ_t + γλ·A_{t+1}``, with V and A zero after the
+    last masked token (the episode ends at EOS). Returns (advantages, returns = A + V), both
+    [B, N] and zero outside ``mask``."""
+    mask = mask.to(rewards.dtype)
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        next_value = values[:, t]
+        advantages[:, t] = next_advantage
+    return advantages, (advantages + values) * mask
+
+
+def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """``values`` scaled to unit variance over ``mask`` (unbiased variance, as TRL), and
+    centred unless ``shift_mean`` is false; zero outside the mask."""
+    mean = masked_mean(values, mask)
+    n = mask.sum().clamp(min=2).to(values.dtype)
+    variance = masked_mean((values - mean).square(), mask) * n / (n - 1)
+    whitened = (values - mean) * torch.rsqrt(variance + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
+                       clip: float | None) -> tuple[Tensor, Tensor]:
+    """PPO's value loss ``½·max((V − R)², (V_clip − R)²)`` with
+    ``V_clip = V_old + clip(V − V_old, ±clip)``, averaged over ``mask``; ``clip=None``: the
+    plain ``½·(V − R)²``. Returns (loss, fraction of tokens where the clipped term won)."""
+    unclipped = (values - returns).square()
+    if clip is None:
+        return 0.5 * masked_mean(unclipped, mask), values.new_zeros(())
+    clipped_values = old_values + (values - old_values).clamp(-clip, clip)
+    clipped = (clipped_values - returns).square()
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    return loss, masked_mean((clipped > unclipped).float(), mask)
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """``1 − Var(R − V)/Var(R)`` over ``mask``: 1 is a perfect critic, 0 predicts the mean."""
+    residual = returns - values
+    var_returns = masked_mean((returns - masked_mean(returns, mask)).square(), mask)
+    var_residual = masked_mean((residual - masked_mean(residual, mask)).square(), mask)
+    return 1.0 - var_residual / var_returns.clamp(min=1e-12)
+
+
+def approx_kl(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """KL(π_old‖π_θ) on tokens sampled from π_old, by k3 on the ratio: ``E[(ρ−1) − log ρ]``
+    (Schulman 2020; CleanRL's ``approx_kl``)."""
+    log_ratio = logp - old_logp
+    return masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
+
+
+class ValueHead(nn.Module):
+    """A two-layer MLP from the policy's hidden states [..., C] to a value [...]."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, 1))
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.net(hidden).squeeze(-1)
+
+
+def _subset(rollout: Rollout, index: Tensor) -> Rollout:
+    return Rollout(tokens=rollout.tokens[index], mask=rollout.mask[index],
+                   old_logp=rollout.old_logp[index], prompt_len=rollout.prompt_len)
+
+
+class PPO:
+    """The PPO step, orchestrated through the module's services."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self.module: ValueHead | None = None
+
+    def attach(self, policy: TinyGPT) -> None:
+        """Size the value head from the policy (the module calls this before it builds the
+        optimiser, which then trains the head beside the policy)."""
+        self.module = ValueHead(policy.config.n_embd)
+
+    def prompts_per_step(self) -> int:
+        return self.config.prompts_per_step
+
+    def beta_seq(self, m: KLPolicyModule, beta: float, metrics: dict[str, float]) -> float:
+        return sequence_kl_coefficient(m.cfg.kl.placement, beta, metrics["policy/length"])
+
+    @torch.no_grad()
+    def _features(self, m: KLPolicyModule, rollout: Rollout) -> Tensor:
+        """The policy's final hidden states [B, N, C] at the positions that predict each
+        completion token: the state s_t whose value V(s_t) the critic estimates."""
+        hidden = m.policy.hidden_states(rollout.tokens[:, :-1])
+        return hidden[:, rollout.prompt_len - 1:]
+
+    def step(self, m: KLPolicyModule, prompts: Tensor) -> dict[str, float]:
+        c, placement = self.config, m.cfg.kl.placement
+        rollout = m.sample(prompts, c.samples_per_prompt)
+        mask = rollout.mask
+        scores = m.task.reward(rollout.completions, mask)
+        ref_logits, ref_logp = m.reference_logprobs(rollout)
+        with torch.no_grad():
+            logits, old_logp = m.policy_logprobs(rollout)
+            # the critic reads the features of the policy that sampled; they stay fixed over
+            # this rollout's epochs, so the head trains on one forward pass of the trunk
+            features = self._features(m, rollout)
+            old_values = self.module(features) * mask
+        metrics = m.rollout_metrics(rollout, scores, logits, old_logp, ref_logits, ref_logp)
+        beta = m.schedule.beta
+
+        kl_t = (m.kl_values(old_logp, ref_logp, logits, ref_logits)
+                if placement == "reward" else None)
+        rewards = token_rewards(scores, mask, kl_t, beta)
+        advantages, returns = gae(rewards, old_values, mask, c.gamma, c.lam)
+        if c.whiten_advantages:
+            advantages = whiten(advantages, mask)
+
+        totals: dict[str, float] = {}
+        updates = 0
+        for _ in range(c.ppo_epochs):
+            for index in torch.randperm(mask.shape[0]).chunk(c.minibatches):
+                mb_mask = mask[index]
+                mb_logits, logp = m.policy_logprobs(_subset(rollout, index))
+                surrogate, ratio, clipped = clipped_surrogate(logp, old_logp[index],
+                                                              advantages[index], c.clip_eps)
+                policy_loss = masked_mean(surrogate, mb_mask)
+                value_loss, value_clipfrac = clipped_value_loss(
+                    self.module(features[index]), old_values[index], returns[index], mb_mask,
+                    c.vf_clip)
+                loss = policy_loss + c.vf_coef * value_loss
+                kl_loss = torch.zeros(())
+                if placement == "loss":
+                    kl_loss = masked_mean(m.kl_loss_term(logp, ref_logp[index], mb_logits,
+                                                         ref_logits[index], old_logp[index]),
+                                          mb_mask)
+                    loss = loss + beta * kl_loss
+                stats = {"loss/policy": policy_loss, "loss/value": value_loss,
+                         "loss/kl": kl_loss, "loss/total": loss,
+                         "policy/clipfrac": masked_mean(clipped.float(), mb_mask),
+                         "policy/ratio": masked_mean(ratio, mb_mask),
+                         "policy/approx_kl": approx_kl(logp, old_logp[index], mb_mask),
+                         "value/clipfrac": value_clipfrac}
+                m.optimize(loss)
+                for key, value in stats.items():
+                    totals[key] = totals.get(key, 0.0) + float(value.detach())
+                updates += 1
+        # means over every minibatch update of this rollout (TRL logs the same)
+        metrics.update({key: value / updates for key, value in totals.items()})
+        metrics.update({
+            "value/mean": float(masked_mean(old_values, mask)),
+            "value/loss": metrics["loss/value"],
+            "value/explained_variance": float(explained_variance(old_values, returns, mask)),
+            "reward/shaped": float(rewards.sum(1).mean()),
+        })
+        return metrics

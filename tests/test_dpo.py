@@ -1,0 +1,200 @@
+"""DPO: the sigmoid/ipo/hinge losses on hand-computed values, the minimiser under
+Bradley–Terry labels against the closed-form optimum π* ∝ π_ref·exp(r/β), the statistics of
+the pair labels, and the real command end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from klsweep.algos.dpo import (
+    bradley_terry_labels,
+    deterministic_labels,
+    dpo_loss,
+    order_pairs,
+)
+from klsweep.config import ConfigError, compose_and_validate
+from klsweep.rollout import Rollout
+
+
+def _softplus(x: float) -> float:
+    return math.log1p(math.exp(x))
+
+
+@pytest.mark.parametrize(("loss_type", "smoothing", "expected"), [
+    # h = 0.5 − (−0.5) = 1, β = 0.1
+    ("sigmoid", 0.0, _softplus(-0.1)),                               # −log σ(0.1)
+    ("sigmoid", 0.1, 0.9 * _softplus(-0.1) + 0.1 * _softplus(0.1)),  # conservative DPO
+    ("ipo", 0.0, (1 - 5.0) ** 2),                                    # (h − 1/(2β))²
+    ("ipo", 0.1, 0.9 * (1 - 5.0) ** 2 + 0.1 * (-1 - 5.0) ** 2),
+    ("hinge", 0.0, 1 - 0.1),                                         # max(0, 1 − βh)
+    ("hinge", 0.1, 0.9 * (1 - 0.1) + 0.1 * (1 + 0.1)),
+])
+def test_preference_losses_on_hand_computed_values(loss_type, smoothing, expected):
+    losses, chosen, rejected = dpo_loss(torch.tensor([0.5]), torch.tensor([-0.5]), 0.1,
+                                        loss_type, smoothing)
+    assert float(losses[0]) == pytest.approx(expected, rel=1e-6)
+    assert float(chosen[0]) == pytest.approx(0.05) and float(rejected[0]) == pytest.approx(-0.05)
+
+
+def test_hinge_loss_is_zero_past_the_margin():
+    losses, _, _ = dpo_loss(torch.tensor([30.0]), torch.tensor([0.0]), 0.1, "hinge")
+    assert float(losses[0]) == 0.0
+
+
+# A two-completion toy: one prompt, completions y1 and y2, the policy π(y1) = σ(θ).
+REF_P1, R1, R2, BETA = 0.3, 0.8, 0.2, 0.25
+
+
+def _logratios(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logp1, logp2 = torch.nn.functional.logsigmoid(theta), torch.nn.functional.logsigmoid(-theta)
+    return logp1 - math.log(REF_P1), logp2 - math.log(1 - REF_P1)
+
+
+def _minimise(objective) -> float:
+    theta = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([theta], lr=1.0, max_iter=200, tolerance_grad=1e-12,
+                                  tolerance_change=1e-14, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = objective(theta)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(theta.detach())
+
+
+def _expected_loss(theta, loss_type: str, smoothing: float = 0.0) -> torch.Tensor:
+    """The population DPO loss over pairs (y1, y2) with Bradley–Terry labels: y1 is chosen
+    with probability σ(r1 − r2). (Pairs of one completion twice have h = 0 for every θ and
+    add a constant.)"""
+    l1, l2 = _logratios(theta)
+    p1 = 1.0 / (1.0 + math.exp(-(R1 - R2)))
+    y1_chosen, _, _ = dpo_loss(l1[None], l2[None], BETA, loss_type, smoothing)
+    y2_chosen, _, _ = dpo_loss(l2[None], l1[None], BETA, loss_type, smoothing)
+    return (p1 * y1_chosen + (1 - p1) * y2_chosen).sum()
+
+
+def _closed_form_theta() -> float:
+    """π*(y) ∝ π_ref(y)·exp(r(y)/β), as a logit of π*(y1)."""
+    return math.log(REF_P1 / (1 - REF_P1)) + (R1 - R2) / BETA
+
+
+def test_dpo_minimiser_under_bradley_terry_labels_is_the_regularised_optimum():
+    theta = _minimise(lambda t: _expected_loss(t, "sigmoid"))
+    assert theta == pytest.approx(_closed_form_theta(), abs=1e-6)
+
+
+def test_label_smoothing_moves_the_minimiser_to_the_smoothed_preference():
+    # with labels flipped w.p. ε the optimum has σ(β·h*) = (1−ε)·p + ε·(1−p)
+    eps = 0.1
+    p1 = 1.0 / (1.0 + math.exp(-(R1 - R2)))
+    p_smooth = (1 - eps) * p1 + eps * (1 - p1)
+    theta = _minimise(lambda t: _expected_loss(t, "sigmoid", eps))
+    h = math.log(p_smooth / (1 - p_smooth)) / BETA
+    assert theta == pytest.approx(math.log(REF_P1 / (1 - REF_P1)) + h, abs=1e-6)
+
+
+def test_ipo_minimiser_is_its_own_regularised_target_not_dpo_s():
+    # IPO regresses h onto (2p − 1)/(2β) (Azar et al. 2023): a different optimum than DPO's
+    p1 = 1.0 / (1.0 + math.exp(-(R1 - R2)))
+    theta = _minimise(lambda t: _expected_loss(t, "ipo"))
+    expected = math.log(REF_P1 / (1 - REF_P1)) + (2 * p1 - 1) / (2 * BETA)
+    assert theta == pytest.approx(expected, abs=1e-6)
+
+
+def test_dpo_minimiser_on_sampled_bradley_terry_labels_is_within_sampling_error():
+    # The empirical minimiser solves σ(β·h) = p̂, p̂ the share of pairs where y1 won, so
+    # θ̂ − θ* = (logit p̂ − logit p)/β; by the delta method its sd is 1/(β·sqrt(n·p(1−p))).
+    # 4 sd: a correct implementation fails with probability < 1e-4.
+    n = 20000
+    generator = torch.Generator().manual_seed(0)
+    y1_wins = bradley_terry_labels(torch.full((n,), R1, dtype=torch.float64),
+                                   torch.full((n,), R2, dtype=torch.float64), generator)
+    p1 = 1.0 / (1.0 + math.exp(-(R1 - R2)))
+    tolerance = 4.0 / (BETA * math.sqrt(n * p1 * (1 - p1)))
+
+    def empirical_loss(theta):
+        l1, l2 = _logratios(theta)
+        chosen = torch.where(y1_wins, l1, l2)
+        rejected = torch.where(y1_wins, l2, l1)
+        return dpo_loss(chosen, rejected, BETA)[0].mean()
+
+    theta = _minimise(empirical_loss)
+    assert abs(theta - _closed_form_theta()) < tolerance
+    p_hat = float(y1_wins.double().mean())
+    assert theta == pytest.approx(math.log(REF_P1 / (1 - REF_P1))
+                                  + math.log(p_hat / (1 - p_hat)) / BETA, abs=1e-5)
+
+
+@pytest.mark.parametrize("gap", [-2.0, -0.5, 0.0, 0.3, 1.0, 3.0])
+def test_bradley_terry_label_frequency_is_sigmoid_of_the_reward_gap(gap):
+    # 4 binomial standard deviations of the observed share: fails w.p. < 1e-4 if correct
+    n = 40000
+    generator = torch.Generator().manual_seed(1)
+    wins = bradley_terry_labels(torch.full((n,), gap), torch.zeros(n), generator)
+    p = 1.0 / (1.0 + math.exp(-gap))
+    assert abs(float(wins.float().mean()) - p) < 4 * math.sqrt(p * (1 - p) / n)
+
+
+def test_deterministic_labels_prefer_the_higher_reward_and_break_ties_fairly():
+    n = 40000
+    generator = torch.Generator().manual_seed(2)
+    a = torch.tensor([0.9, 0.1, 0.5])
+    b = torch.tensor([0.1, 0.9, 0.4])
+    assert deterministic_labels(a, b, generator).tolist() == [True, False, True]
+    ties = deterministic_labels(torch.full((n,), 0.5), torch.full((n,), 0.5), generator)
+    assert abs(float(ties.float().mean()) - 0.5) < 4 * math.sqrt(0.25 / n)
+
+
+def test_order_pairs_puts_the_chosen_row_first():
+    rollout = Rollout(tokens=torch.arange(6)[:, None], mask=torch.ones(6, 1, dtype=torch.bool),
+                      old_logp=torch.zeros(6, 1), prompt_len=0)
+    order = order_pairs(rollout, torch.tensor([True, False, True]))
+    assert order.tolist() == [0, 1, 3, 2, 4, 5]
+
+
+def test_dpo_rejects_a_kl_placement_before_training():
+    with pytest.raises(ConfigError, match="kl.placement must be none for algo=dpo"):
+        compose_and_validate({"algo": "dpo", "kl.placement": "loss"})
+    with pytest.raises(ConfigError, match="kl.beta must be > 0 for algo=dpo"):
+        compose_and_validate({"algo": "dpo", "kl.beta": "0"})
+
+
+def _run(tmp_path, *overrides: str) -> tuple[dict, list[dict]]:
+    subprocess.run([sys.executable, "-m", "klsweep", *overrides, "logger=none",
+                    f"hydra.run.dir={tmp_path}"], check=True, capture_output=True, text=True)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return summary, rows
+
+
+@pytest.mark.slow
+def test_offline_dpo_command_measures_kl_every_eval_every_steps(tmp_path):
+    summary, rows = _run(tmp_path, "algo=dpo", "steps=3", "algo.eval_every=2",
+                         "algo.dataset_pairs=96")
+    assert summary["status"] == "completed" and summary["algo"] == "dpo"
+    assert [row["dpo/fresh_eval"] for row in rows] == [1.0, 0.0, 1.0]
+    assert [row["perf/samples"] > 0 for row in rows] == [True, False, True]
+    assert rows[1]["kl/mean"] == rows[0]["kl/mean"]  # carried, and marked so
+    for key in ("dpo/margin", "dpo/accuracy", "dpo/chosen_reward", "dpo/rejected_reward",
+                "kl/mean", "kl/seq", "reward/mean", "kl/beta"):
+        assert all(math.isfinite(row[key]) for row in rows), key
+    assert rows[0]["dpo/margin"] == pytest.approx(0.0, abs=1e-5)  # π starts as π_ref
+    assert rows[2]["kl/k3"] > 0
+
+
+@pytest.mark.slow
+def test_online_dpo_command_measures_kl_on_its_own_pairs_every_step(tmp_path):
+    summary, rows = _run(tmp_path, "algo=dpo", "steps=2", "algo.online=true",
+                         "algo.loss=ipo", "algo.pairs_per_step=8")
+    assert summary["status"] == "completed"
+    assert [row["perf/samples"] for row in rows] == [16.0, 16.0]
+    assert rows[1]["kl/k3"] > 0
