@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
+from optuna import TrialPruned
 
 from klsweep.algos import ALGORITHMS
 from klsweep.config import validate
@@ -59,9 +60,15 @@ def build_loggers(cfg: DictConfig, run_dir: Path, group: str | None) -> list:
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
-    return [ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best",
-                            monitor="reward/mean", mode="max", save_last=True,
-                            every_n_train_steps=cfg.checkpoint.every)]
+    callbacks: list[Callback] = [
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best",
+                        monitor="reward/mean", mode="max", save_last=True,
+                        every_n_train_steps=cfg.checkpoint.every)]
+    if cfg.trial.storage:  # a trial of an Optuna sweep: report to its pruner
+        from klsweep.pruning import TrialPruning
+
+        callbacks.append(TrialPruning(cfg.trial.storage, cfg.trial.study_name, cfg.trial.number))
+    return callbacks
 
 
 def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str, Any]:
@@ -85,6 +92,8 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
         trainer.fit(module)
     except RunFailed as err:
         status, reason, error = err.status, str(err), err
+    except TrialPruned as err:  # the sweep's pruner stopped this trial: not a failure
+        status, reason, error = "pruned", str(err), err
     except BaseException as err:
         status, reason, error = "failed", f"{type(err).__name__}: {err}", err
     fit_s = time.perf_counter() - fit_started

@@ -1,0 +1,123 @@
+"""Checks of a sweep's settings against klsweep, before any trial runs: every searched key
+exists, the run config is valid at both ends of every interval and at every choice, and every
+objective names a number that a run's summary holds."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from hydra.core.object_type import ObjectType
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from hydra_plugins.klsweep_optuna._errors import SweepConfigError
+from hydra_plugins.klsweep_optuna._search_space import (
+    SearchSpace,
+    corner_values,
+    override_string,
+)
+
+DIRECTIONS = ("maximize", "minimize")
+DEFAULT_OBJECTIVES = {"reward/final": "maximize"}
+# the numbers klsweep.train.train puts in every summary beside the final metrics
+RUN_NUMBERS = ("steps_done", "wall_time_s", "fit_time_s", "perf/tokens_per_s")
+
+
+def known_objectives() -> list[str]:
+    """Every number a run's summary holds: the final metrics that ``summarize`` derives from
+    the logged keys (asked of ``summarize`` itself, so the two never disagree) and the run's
+    own numbers."""
+    from klsweep.records import FINAL_KEYS, summarize
+
+    logged = {key: 0.0 for key in (*FINAL_KEYS, "kl/beta")}
+    return sorted({*summarize([logged]), *RUN_NUMBERS})
+
+
+def check_objectives(objectives: Mapping[str, Any]) -> dict[str, str]:
+    """``{metric: direction}`` in order, without those set to null; none at all means
+    reward/final, maximized."""
+    chosen = {name: direction for name, direction in objectives.items()
+              if direction is not None} or dict(DEFAULT_OBJECTIVES)
+    known = known_objectives()
+    for name, direction in chosen.items():
+        if direction not in DIRECTIONS:
+            raise SweepConfigError(f"hydra.sweeper.objectives.{name} must be maximize or "
+                                   f"minimize (got {direction!r})")
+        if name not in known:
+            raise SweepConfigError(f"hydra.sweeper.objectives: {name} is not a number of a "
+                                   f"run's summary (allowed: {', '.join(known)})")
+    return chosen
+
+
+def check_numbers(settings: DictConfig) -> None:
+    """The sweeper's own counts and intervals."""
+    for key, minimum, optional in (("n_trials", 1, False), ("n_jobs", 1, False),
+                                   ("report_every", 1, False), ("max_failures", 1, True),
+                                   ("heartbeat_interval", 1, False), ("grace_period", 1, False),
+                                   ("max_retry", 0, False)):
+        value = settings[key]
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise SweepConfigError(f"hydra.sweeper.{key} must be an integer >= {minimum}"
+                                   f"{' or null' if optional else ''} (got {value!r})")
+    if settings.grace_period <= settings.heartbeat_interval:
+        raise SweepConfigError(f"hydra.sweeper.grace_period must exceed "
+                               f"hydra.sweeper.heartbeat_interval (got {settings.grace_period} "
+                               f"<= {settings.heartbeat_interval})")
+
+
+def check_params(space: SearchSpace, config: DictConfig, config_loader: Any) -> None:
+    """Every searched key exists, and the run config composed with the fixed overrides is
+    valid at each end of every searched range and at every choice (one key at a time)."""
+    for key in space.distributions:
+        _check_key(key, config, config_loader)
+    trials = [[override_string(key, value)] for key, dist in space.distributions.items()
+              for value in corner_values(dist)] or [[]]
+    for searched in trials:
+        _check_run_config([*space.fixed, *searched], config, config_loader)
+
+
+def _check_key(key: str, config: DictConfig, config_loader: Any) -> None:
+    if config_loader.get_group_options(key, results_filter=ObjectType.CONFIG):
+        return
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(config, parent) if parent else config
+    if isinstance(node, DictConfig) and leaf in node:
+        return
+    where = ""
+    if isinstance(node, DictConfig):
+        siblings = ", ".join(str(k) for k in node if not (not parent and k == "hydra"))
+        where = f" (allowed under {parent or 'the root'}: {siblings})"
+    raise SweepConfigError(f"searched key {key} is not a known key{where}")
+
+
+def _check_run_config(overrides: Sequence[str], config: DictConfig, config_loader: Any) -> None:
+    from klsweep.config import ConfigError, validate
+
+    try:
+        run_config = config_loader.load_sweep_config(master_config=config,
+                                                     sweep_overrides=list(overrides))
+    except HydraException as err:
+        raise SweepConfigError(f"{' '.join(overrides)}: {str(err).splitlines()[0]}") from None
+    with open_dict(run_config):
+        del run_config["hydra"]  # the job's runtime fields are filled only when it starts
+    try:
+        validate(run_config)
+    except ConfigError as err:
+        raise SweepConfigError(f"{err} (with {' '.join(overrides) or 'the fixed overrides'})"
+                               ) from None
+
+
+def finite_values(summary: Mapping[str, Any], objectives: Sequence[str]
+                  ) -> tuple[list[float] | None, str | None]:
+    """The objectives' values in a run's summary, or the reason they cannot be told."""
+    values = []
+    for name in objectives:
+        value = summary.get(name)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return None, f"objective {name} is {value!r} in the run's summary"
+        values.append(float(value))
+    return values, None

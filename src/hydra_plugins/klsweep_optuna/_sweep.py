@@ -1,0 +1,227 @@
+"""The sweep loop: check everything, open (or resume) the study, then ask a batch of trials,
+launch it, tell each trial its result, until the study holds ``n_trials`` COMPLETE or PRUNED
+trials; finally write trials.csv and best.yaml / pareto.yaml and print the best trials."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.types import HydraContext
+from omegaconf import DictConfig, OmegaConf
+from optuna.trial import Trial, TrialState
+
+from hydra_plugins.klsweep_optuna import _results
+from hydra_plugins.klsweep_optuna._checks import (
+    check_numbers,
+    check_objectives,
+    check_params,
+    finite_values,
+)
+from hydra_plugins.klsweep_optuna._errors import SweepConfigError, SweepStopped
+from hydra_plugins.klsweep_optuna._search_space import (
+    SearchSpace,
+    override_string,
+    parse_search_space,
+)
+from hydra_plugins.klsweep_optuna._study import (
+    CLAIMED,
+    DONE,
+    Heartbeat,
+    check_pruner,
+    count,
+    fail_stale_trials,
+    grid_space,
+    is_surplus,
+    make_sampler,
+    make_storage,
+    trial_id,
+)
+from klsweep.pruning import SWEEP_ATTR, make_pruner
+
+log = logging.getLogger("klsweep.sweep")
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep prints its own line per trial
+
+
+class OptunaSweep:
+    def __init__(self, settings: DictConfig, config: DictConfig, hydra_context: HydraContext,
+                 launcher: Any) -> None:
+        self.settings, self.config, self.launcher = settings, config, launcher
+        self.config_loader = hydra_context.config_loader
+        self.job_index = 0
+
+    # --- before any trial ---------------------------------------------------------------
+    def plan(self, arguments: Sequence[str]) -> None:
+        """Parse and check every setting; raise SweepConfigError with one line if any is bad."""
+        s = self.settings
+        check_numbers(s)
+        parser = OverridesParser.create(config_loader=self.config_loader)
+        params = OmegaConf.to_container(s.params, resolve=True)
+        self.space: SearchSpace = parse_search_space(params, arguments, parser)
+        self.objectives = check_objectives(OmegaConf.to_container(s.objectives, resolve=True))
+        n_objectives = len(self.objectives)
+        self.pruner = check_pruner(OmegaConf.to_container(s.pruner, resolve=True), n_objectives)
+        sampler_spec = OmegaConf.to_container(s.sampler, resolve=True)
+        self.sampler = make_sampler(sampler_spec, self.space.distributions, n_objectives)
+        self.grid = (list(itertools.product(*grid_space(self.space.distributions).values()))
+                     if sampler_spec["name"] == "grid" else None)
+        check_params(self.space, self.config, self.config_loader)
+        self.n_trials = s.n_trials if self.grid is None else min(s.n_trials, len(self.grid))
+        self.max_failures = s.max_failures or s.n_trials
+
+    def open_study(self) -> optuna.Study:
+        """Create the study, or load it to resume: the same command and objectives only."""
+        s = self.settings
+        self.sweep_dir = Path(self.config.hydra.sweep.dir).resolve()
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, self.sweep_dir / "multirun.yaml")
+        self.study_name = s.study_name or self.sweep_dir.name
+        self.storage_url = s.storage or f"sqlite:///{self.sweep_dir / 'optuna.db'}"
+        self.storage = make_storage(self.storage_url, heartbeat_interval=s.heartbeat_interval,
+                                    grace_period=s.grace_period, max_retry=s.max_retry)
+        study = optuna.create_study(
+            storage=self.storage, study_name=self.study_name, sampler=self.sampler,
+            pruner=make_pruner(self.pruner), directions=list(self.objectives.values()),
+            load_if_exists=True)
+        before = study.user_attrs.get(SWEEP_ATTR)
+        where = f"study {self.study_name} in {self.storage_url}"
+        if before and before["objectives"] != self.objectives:
+            raise SweepConfigError(f"{where} has objectives {before['objectives']}, not "
+                                   f"{self.objectives}: set hydra.sweeper.study_name for a "
+                                   f"new study")
+        if before and sorted(before["overrides"]) != sorted(self.space.fixed):
+            raise SweepConfigError(f"{where} was run with {' '.join(before['overrides'])!r}, "
+                                   f"not {' '.join(self.space.fixed)!r}: resume it with the "
+                                   f"same overrides or set hydra.sweeper.study_name")
+        study.set_user_attr(SWEEP_ATTR, {
+            "objectives": self.objectives, "overrides": list(self.space.fixed),
+            "params": {key: str(dist) for key, dist in self.space.distributions.items()},
+            "pruner": self.pruner, "report_every": s.report_every})
+        return study
+
+    # --- the loop -------------------------------------------------------------------------
+    def run(self, arguments: Sequence[str]) -> list[Sequence[JobReturn]]:
+        self.plan(arguments)
+        study = self.open_study()
+        done = count(study, DONE)
+        log.info(f"klsweep: study {self.study_name} ({self.storage_url}): {done} of "
+                 f"{self.n_trials} trials done; {len(self.space.distributions)} params, "
+                 f"objectives {', '.join(f'{k} ({v})' for k, v in self.objectives.items())}")
+        returns: list[Sequence[JobReturn]] = []
+        failures = 0
+        while failures < self.max_failures:
+            fail_stale_trials(study)
+            if count(study, DONE) >= self.n_trials or self.grid_finished(study):
+                break
+            wanted = min(self.settings.n_jobs, self.n_trials - count(study, CLAIMED))
+            if wanted <= 0:
+                log.info("klsweep: waiting for the trials other workers are running")
+                time.sleep(self.settings.heartbeat_interval)
+                continue
+            batch = self.claim(study, [self.ask(study) for _ in range(wanted)])
+            if not batch:
+                continue
+            results = self.launch(batch)
+            returns.append(results)
+            failures += sum(self.tell(study, trial, result) == TrialState.FAIL
+                            for trial, result in zip(batch, results, strict=True))
+        self.write_results(study)
+        if failures >= self.max_failures:
+            raise SweepStopped(f"klsweep: sweep stopped after {failures} failed trials "
+                               f"(hydra.sweeper.max_failures={self.max_failures}); see "
+                               f"{self.sweep_dir / 'trials.csv'}")
+        return returns
+
+    def grid_finished(self, study: optuna.Study) -> bool:
+        """A grid is done once every point has a finished trial, failed ones included: the
+        grid sampler does not draw a point twice."""
+        if self.grid is None:
+            return False
+        keys = list(self.space.distributions)
+        finished = {tuple(t.params.get(k) for k in keys) for t in study.get_trials(
+            deepcopy=False, states=(*DONE, TrialState.FAIL))}
+        return all(point in finished for point in self.grid)
+
+    def ask(self, study: optuna.Study) -> Trial:
+        with warnings.catch_warnings():
+            # Optuna expects heartbeats from study.optimize; this loop records them itself
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            return study.ask(self.space.distributions)
+
+    def claim(self, study: optuna.Study, trials: list[Trial]) -> list[Trial]:
+        """The asked trials this worker runs; one that another worker's trials made surplus
+        (asked at the same moment past n_trials) is closed at once as FAIL."""
+        batch = []
+        for trial in trials:
+            if is_surplus(study, trial.number, self.n_trials):
+                trial.set_user_attr("reason", f"surplus: the study reached n_trials="
+                                              f"{self.n_trials} while this trial was asked")
+                study.tell(trial, state=TrialState.FAIL)
+            else:
+                batch.append(trial)
+        return batch
+
+    def launch(self, batch: list[Trial]) -> Sequence[JobReturn]:
+        jobs = [[*self.space.fixed,
+                 *(override_string(key, value) for key, value in trial.params.items()),
+                 override_string("trial.storage", self.storage_url),
+                 override_string("trial.study_name", self.study_name),
+                 f"trial.number={trial.number}",
+                 # one dir per trial, named by its number, so a resumed study adds dirs
+                 f"hydra.sweep.subdir={trial.number}"]
+                for trial in batch]
+        ids = [trial_id(self.storage, self.study_name, trial.number) for trial in batch]
+        with Heartbeat(self.storage, ids, self.settings.heartbeat_interval):
+            results = self.launcher.launch(jobs, initial_job_idx=self.job_index)
+        self.job_index += len(jobs)
+        return results
+
+    def tell(self, study: optuna.Study, trial: Trial, result: JobReturn) -> TrialState:
+        """Record what the run returned: its objectives, PRUNED, or FAIL with the reason."""
+        if result.hydra_cfg is not None:
+            trial.set_user_attr("run_dir", str(result.hydra_cfg.hydra.runtime.output_dir))
+        values, reason = None, None
+        if result.status == JobStatus.COMPLETED:
+            values, reason = finite_values(result.return_value, list(self.objectives))
+            state = TrialState.COMPLETE if values is not None else TrialState.FAIL
+        else:
+            error = result._return_value  # the exception the run raised
+            pruned = isinstance(error, optuna.TrialPruned)
+            state = TrialState.PRUNED if pruned else TrialState.FAIL
+            reason = str(error) if pruned or hasattr(error, "status") \
+                else f"{type(error).__name__}: {error}"
+            reason = reason.splitlines()[0] if reason else type(error).__name__
+            trial.set_user_attr("status", getattr(error, "status", state.name.lower()))
+        if reason is not None:
+            trial.set_user_attr("reason", reason)
+        study.tell(trial, values=values, state=state)
+        shown = reason if values is None else " ".join(
+            f"{k}={v:.4g}" for k, v in zip(self.objectives, values, strict=True))
+        params = " ".join(override_string(k, v) for k, v in trial.params.items())
+        log.info(f"klsweep: trial {trial.number} {state.name} · {shown} · {params}")
+        return state
+
+    # --- after the loop ---------------------------------------------------------------------
+    def write_results(self, study: optuna.Study) -> None:
+        _results.write_trials_csv(self.sweep_dir / "trials.csv", study, list(self.objectives))
+        path = _results.write_best(self.sweep_dir, study, self.objectives, self.space.fixed,
+                                   self.storage_url)
+        best = _results.best_trials(study)
+        states = {state.name: count(study, (state,)) for state in TrialState
+                  if count(study, (state,))}
+        title = "Pareto front" if len(self.objectives) > 1 else "best trial"
+        log.info(f"klsweep: study {self.study_name}: "
+                 f"{', '.join(f'{n} {name}' for name, n in states.items())}; {title} "
+                 f"({path.name}):\n"
+                 + (_results.format_table(best, list(self.objectives)) if best
+                    else "(no trial completed)"))
+        log.info(f"klsweep: trials in {self.sweep_dir / 'trials.csv'}; "
+                 f"optuna-dashboard {self.storage_url}")

@@ -1,0 +1,70 @@
+"""Pruning a sweep's trial from inside its run.
+
+The Optuna sweeper passes each run its study and trial number (``trial.storage``,
+``trial.study_name``, ``trial.number``) and writes the study's objectives, pruner and
+reporting interval into the study's user attribute ``klsweep``. The callback below reads
+them back from the storage, reports the first objective's running value every
+``report_every`` steps and stops the run with ``optuna.TrialPruned`` when the pruner says
+so; the sweeper then records the trial as PRUNED. The running value is computed by the same
+``summarize`` that writes summary.json, so an intermediate value and the final one mean the
+same thing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import optuna
+from lightning.pytorch.callbacks import Callback
+
+from klsweep.records import summarize
+
+SWEEP_ATTR = "klsweep"  # the study's user attribute that the sweeper writes and runs read
+
+PRUNERS: dict[str, type[optuna.pruners.BasePruner]] = {
+    "none": optuna.pruners.NopPruner,
+    "median": optuna.pruners.MedianPruner,
+    "hyperband": optuna.pruners.HyperbandPruner,
+    "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+}
+
+
+def make_pruner(spec: Mapping[str, Any]) -> optuna.pruners.BasePruner:
+    """The pruner ``{name: median, n_warmup_steps: 10, ...}`` describes: every key but
+    ``name`` is an argument of the Optuna pruner's constructor."""
+    options = {key: value for key, value in spec.items() if key != "name"}
+    return PRUNERS[spec["name"]](**options)
+
+
+class TrialPruning(Callback):
+    """Reports the sweep's first objective to trial ``number`` of the study through the
+    storage every ``report_every`` steps, and raises ``optuna.TrialPruned`` when the study's
+    pruner says the trial will not beat the others. Optuna has no pruning for several
+    objectives, so a multi-objective study only runs its trials to the end."""
+
+    def __init__(self, storage: str, study_name: str, number: int) -> None:
+        rdb = optuna.storages.RDBStorage(storage)
+        study_id = rdb.get_study_id_from_name(study_name)
+        sweep = rdb.get_study_user_attrs(study_id)[SWEEP_ATTR]
+        study = optuna.load_study(study_name=study_name, storage=rdb,
+                                  pruner=make_pruner(sweep["pruner"]))
+        self.objective = next(iter(sweep["objectives"]))
+        self.report_every = int(sweep["report_every"])
+        self.single_objective = len(study.directions) == 1
+        self.trial = optuna.trial.Trial(
+            study, rdb.get_trial_id_from_study_id_trial_number(study_id, number))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = pl_module.step_count
+        if not self.single_objective or step % self.report_every:
+            return
+        value = summarize(pl_module.history).get(self.objective)
+        if value is None or not math.isfinite(value):
+            return
+        self.trial.report(value, step)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after step {step}: {self.objective} = {value:.4g}")
