@@ -203,3 +203,20 @@ def test_a_trial_left_running_by_a_killed_worker_is_failed_and_run_again(tmp_pat
     stale, retried = study.trials
     assert retried.params == stale.params
     assert retried.system_attrs["failed_trial"] == 0
+
+
+@pytest.mark.slow
+def test_the_joblib_launcher_runs_a_batch_of_two_trials_at_once(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher",
+                        reason="hydra-joblib-launcher is not installed (extra [launchers])")
+    result = klsweep("sweep=beta_target", "steps=10", *FAST, "hydra/launcher=joblib",
+                     "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2",
+                     "hydra.sweeper.n_trials=2", sweep_dir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert states(load(tmp_path, "beta_target")) == ["COMPLETE", "COMPLETE"]
+    spans = []  # each run's [start, end]: summary.json is written at its end
+    for number in (0, 1):
+        summary = tmp_path / str(number) / "summary.json"
+        end = summary.stat().st_mtime
+        spans.append((end - yaml.safe_load(summary.read_text())["wall_time_s"], end))
+    assert max(start for start, _ in spans) < min(end for _, end in spans)  # they overlapped

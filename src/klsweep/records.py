@@ -23,6 +23,9 @@ from lightning.pytorch.utilities import rank_zero_only
 FINAL_FRACTION = 0.25
 FINAL_KEYS = ("reward/mean", "kl/mean", "kl/seq", "kl/k1", "kl/k2", "kl/k3", "kl/full",
               "policy/entropy", "policy/distinct", "perf/tokens_per_s")
+# Keys whose final value is their last logged value: the exact task's figures are exact, not
+# noisy, and are logged only every few steps.
+LAST_VALUE_PREFIXES = ("exact/",)
 
 
 class JsonlLogger(Logger):
@@ -79,7 +82,8 @@ def final_mean(rows: list[dict[str, float]], key: str,
 
 def summarize(rows: list[dict[str, float]], keys: Iterable[str] = FINAL_KEYS) -> dict[str, float]:
     """Final metrics of a run: ``X/final`` is the last-quarter mean of ``X/mean`` (and
-    ``kl/seq_final`` of ``kl/seq``, etc.); ``kl/beta_final`` is the last β."""
+    ``kl/seq_final`` of ``kl/seq``, etc.); ``kl/beta_final`` is the last β; ``exact/X_final``
+    is the last logged ``exact/X``."""
     out: dict[str, float] = {}
     for key in keys:
         value = final_mean(rows, key)
@@ -87,6 +91,10 @@ def summarize(rows: list[dict[str, float]], keys: Iterable[str] = FINAL_KEYS) ->
             continue
         group, _, leaf = key.partition("/")
         out[f"{group}/final" if leaf == "mean" else f"{key}_final"] = value
+    for row in rows:
+        for key, value in row.items():
+            if key.startswith(LAST_VALUE_PREFIXES):
+                out[f"{key}_final"] = value
     betas = [row["kl/beta"] for row in rows if "kl/beta" in row]
     if betas:
         out["kl/beta_final"] = float(betas[-1])

@@ -8,8 +8,10 @@ from omegaconf import DictConfig
 
 from klsweep.tasks.base import Task
 from klsweep.tasks.digits import DigitsConfig, DigitsTask
+from klsweep.tasks.exact import ExactConfig, ExactTask
 
-TASKS: dict[str, tuple[type[Task], type]] = {"digits": (DigitsTask, DigitsConfig)}
+TASKS: dict[str, tuple[type[Task], type]] = {"digits": (DigitsTask, DigitsConfig),
+                                             "exact": (ExactTask, ExactConfig)}
 
 
 def build_task(cfg: DictConfig) -> Task:

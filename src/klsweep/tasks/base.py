@@ -45,6 +45,10 @@ class Task:
         is the coefficient on sequence-level KL that the algorithm applies."""
         return {}
 
+    def finalize(self, module: Any, run_dir: Path) -> None:
+        """Write the task's own record of the run into ``run_dir`` after fit (the exact
+        task's ``exact.json``); called whether the run completed or failed."""
+
     def model_config(self, model_config: dict[str, Any]) -> TinyGPTConfig:
         return TinyGPTConfig(vocab_size=self.vocab_size,
                              block_size=self.prompt_len + self.max_new_tokens, **model_config)
