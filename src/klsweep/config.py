@@ -122,6 +122,27 @@ class DigitsSchema:
 
 
 @dataclass
+class ExactSchema:
+    name: str = spec(kind="choice", choices=("exact",))
+    vocab_size: int = spec(kind="integer", ge=2)
+    completion_len: int = spec(kind="integer", ge=1)
+    prompt_len: int = spec(kind="integer", ge=1)
+    n_prompts: int = spec(kind="integer", ge=1)
+    p_step: float = spec(kind="number", ge=0, le=1)
+    eval_every: int = spec(kind="integer", ge=1)
+    prompt_seed: int = spec(kind="integer", ge=0)
+    reference_steps: int = spec(kind="integer", ge=1)
+    reference_batch_size: int = spec(kind="integer", ge=1)
+    reference_lr: float = spec(kind="number", gt=0)
+    reference_seed: int = spec(kind="integer", ge=0)
+    cache_dir: str = spec(kind="string")
+
+
+# the exact task enumerates n_prompts × vocab_size**completion_len sequences at each evaluation
+EXACT_MAX_SEQUENCES = 2**18
+
+
+@dataclass
 class TinyModelSchema:
     name: str = spec(kind="choice", choices=("tiny",))
     n_layer: int = spec(kind="integer", ge=1)
@@ -174,7 +195,7 @@ class LoggerSchema:
 
 
 ALGO_SCHEMAS: dict[str, type] = {"grpo": GRPOSchema, "ppo": PPOSchema, "dpo": DPOSchema}
-TASK_SCHEMAS: dict[str, type] = {"digits": DigitsSchema}
+TASK_SCHEMAS: dict[str, type] = {"digits": DigitsSchema, "exact": ExactSchema}
 MODEL_SCHEMAS: dict[str, type] = {"tiny": TinyModelSchema}
 
 
@@ -312,11 +333,24 @@ def validate(cfg: DictConfig) -> None:
     check_node("trial", cfg.trial, TrialSchema)
     check_node("logger", cfg.logger, LoggerSchema)
     if cfg.task.name == "digits" and cfg.task.min_len > cfg.task.max_len:
+    if cfg.task.name == "exact":
+        _check_exact_sizes(cfg.task)
         raise ConfigError(f"task.min_len must be <= task.max_len "
                           f"(got {cfg.task.min_len} > {cfg.task.max_len})")
 
 
 # ---------------------------------------------------------------------------------------------
+def _check_exact_sizes(task: DictConfig) -> None:
+    prompts = task.vocab_size ** task.prompt_len
+    if task.n_prompts > prompts:
+        raise ConfigError(f"task.n_prompts must be <= task.vocab_size**task.prompt_len = "
+                          f"{prompts} distinct prompts (got {task.n_prompts})")
+    sequences = task.n_prompts * task.vocab_size ** task.completion_len
+    if sequences > EXACT_MAX_SEQUENCES:
+        raise ConfigError(f"task.n_prompts × task.vocab_size**task.completion_len must be <= "
+                          f"{EXACT_MAX_SEQUENCES} to enumerate (got {sequences})")
+
+
 # Checks on the command line, before Hydra creates a run dir
 
 
