@@ -97,15 +97,15 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
     except BaseException as err:
         status, reason, error = "failed", f"{type(err).__name__}: {err}", err
     fit_s = time.perf_counter() - fit_started
-
-    history = module.history
-    tokens = sum(row.get("perf/tokens", 0.0) for row in history)
-    summary: dict[str, Any] = {
     try:
         module.task.finalize(module, run_dir)
     except Exception as err:  # a run whose record fails to write has failed too
         if error is None:
             status, reason, error = "failed", f"{type(err).__name__}: {err}", err
+
+    history = module.history
+    tokens = sum(row.get("perf/tokens", 0.0) for row in history)
+    summary: dict[str, Any] = {
         "status": status, "reason": reason, "name": run_name(cfg),
         "algo": cfg.algo.name, "estimator": cfg.kl.estimator,
         "schedule": cfg.kl.schedule.name, "placement": cfg.kl.placement, "task": cfg.task.name,
