@@ -1,0 +1,26 @@
+"""Shared fixtures: every command runs in a temporary run dir with W&B offline."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# The smallest run that still exercises every part: 2 prompts × 2 completions, 4 steps.
+TINY = ["steps=4", "algo.prompts_per_step=2", "algo.group_size=2", "checkpoint.every=2",
+        "trainer.enable_progress_bar=false"]
+
+
+@pytest.fixture(autouse=True)
+def _offline_wandb(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def run_klsweep(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The real command, as a user types it."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    return subprocess.run([sys.executable, "-m", "klsweep", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,86 @@
+"""The command line: bad input fails before training in one line; a tiny run writes its
+whole record, W&B included."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from klsweep.__main__ import main
+from tests.conftest import TINY, run_klsweep
+
+
+@pytest.mark.parametrize("override,message", [
+    ("schedule=sigmoid", "schedule=sigmoid is not a known choice (allowed: adaptive, cosine, "
+                         "dual, exponential, fixed, linear, multiplicative, pid)"),
+    ("estimator=k5", "estimator=k5 is not a known choice (allowed: abs, full, k1, k2, k3)"),
+    ("kl.beta=-0.1", "kl.beta must be a number >= 0 (got -0.1)"),
+    ("kl.beta=abc", "kl.beta must be a number >= 0 (got 'abc')"),
+    ("kl.target=0", "kl.target must be > 0 for schedule=adaptive (got 0)"),
+    ("steps=0", "steps must be an integer >= 1 (got 0)"),
+    ("algo.group_size=1", "algo.group_size must be an integer >= 2 (got 1)"),
+    ("kl.placement=value", "kl.placement must be one of reward, loss, none (got 'value')"),
+    ("kl.bta=0.1", "kl.bta is not a known key (allowed under kl: beta, target"),
+    ("optim.lr=fast", "optim.lr must be a number > 0 (got 'fast')"),
+])
+def test_bad_input_fails_in_one_line_before_anything_is_written(
+        override, message, tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["klsweep", override, f"hydra.run.dir={run_dir}"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("klsweep: error: ")
+    assert message in err
+    assert not run_dir.exists()
+
+
+def test_a_bad_value_in_a_grid_fails_before_the_first_job(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["klsweep", "-m", "kl.beta=0.1,-1",
+                                      f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    with pytest.raises(SystemExit):
+        main()
+    assert "kl.beta must be a number >= 0 (got -1)" in capsys.readouterr().err
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_the_real_command_rejects_bad_input_without_a_traceback(tmp_path):
+    result = run_klsweep("kl.target=0", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("klsweep: error: kl.target must be > 0 for "
+                                     "schedule=adaptive (got 0)")
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_tiny_run_writes_its_record_and_wandb_history(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_klsweep(*TINY, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    assert "klsweep: grpo-k3-adaptive-s0 completed after 4/4 steps" in result.stdout
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [0, 1, 2, 3]
+    required = ("kl/mean kl/k1 kl/k2 kl/k3 kl/seq kl/beta kl/target reward/mean reward/std "
+                "policy/entropy policy/clipfrac loss/total perf/tokens_per_s perf/step_s").split()
+    for row in rows:
+        assert set(required) <= set(row)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps_done"] == 4
+    last_quarter = rows[-1]  # 4 steps: the last quarter is the last step
+    assert summary["kl/final"] == pytest.approx(last_quarter["kl/mean"])
+    assert summary["reward/final"] == pytest.approx(last_quarter["reward/mean"])
+
+    # W&B's own reader gives back the KL trajectory the run logged
+    (wandb_run,) = (run_dir / "wandb").glob("offline-run-*")
+    records = subprocess.run(["wandb", "leet", "inspect", "--json", str(wandb_run)],
+                             capture_output=True, text=True, check=True).stdout
+    history = [json.loads(line)["history"] for line in records.splitlines()
+               if '"type":"history"' in line]
+    logged = [h["item"] for h in history if "kl/mean" in h["item"]]
+    assert [row["kl/mean"] for row in logged] == pytest.approx([r["kl/mean"] for r in rows])
+    assert [row["kl/beta"] for row in logged] == pytest.approx([r["kl/beta"] for r in rows])
