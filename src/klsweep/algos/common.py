@@ -32,12 +32,16 @@ def clipped_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor,
     return -torch.minimum(unclipped, clipped), ratio, clipped < unclipped
 
 
-def sequence_kl_coefficient(placement: str, beta: float, mean_length: float) -> float:
-    """The coefficient on sequence-level KL that β applies, for comparing algorithms and
-    for the exact task's optimum: in the reward it is β itself (β·Σ_t k_t); in a
-    per-token-mean loss it is β/L̄ with L̄ the mean completion length; with no penalty, 0."""
+def sequence_kl_coefficient(placement: str, beta: float, advantage_scale: float = 1.0) -> float:
+    """The coefficient on sequence-level KL, in units of the task reward, that β applies (for
+    comparing algorithms, and the exact task's optimum). In the reward it is β: β·Σ_t k_t is
+    shaped into the return and any advantage scaling divides reward and KL alike. In the loss
+    it is β·s, with s what the advantages were divided by (group or batch std, whitening std;
+    1 unscaled): the policy term is a per-token mean of A·∇log π, i.e. ∇E[r]/(s·L) per
+    sequence, and the KL term a per-token mean, β·∇KL_seq/L, so L cancels and s stays.
+    With no penalty, 0."""
     if placement == "reward":
         return beta
     if placement == "none":
         return 0.0
-    return beta / max(mean_length, 1.0)
+    return beta * advantage_scale

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from klsweep.algos.common import aggregate, clipped_surrogate
+from klsweep.algos.common import aggregate, clipped_surrogate, sequence_kl_coefficient
 from klsweep.kl import masked_sum
 
 if TYPE_CHECKING:
@@ -34,6 +34,17 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group",
     elif scale != "none":
         raise ValueError(f"unknown advantage scaling {scale!r} (allowed: group, batch, none)")
     return centred.reshape(-1)
+
+
+def advantage_scale(rewards: Tensor, group_size: int, scale: str = "group",
+                    eps: float = 1e-4) -> float:
+    """The mean divisor that ``group_advantages`` applies (1 for ``none``): a KL coefficient β
+    in the loss weighs the KL against the reward as β times this."""
+    if scale == "group":
+        return float((rewards.view(-1, group_size).std(dim=1) + eps).mean())
+    if scale == "batch":
+        return float(rewards.std() + eps)
+    return 1.0
 
 
 def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
@@ -63,15 +74,11 @@ class GRPO:
         return self.config.prompts_per_step
 
     def beta_seq(self, m: KLPolicyModule, beta: float, metrics: dict[str, float]) -> float:
-        """The coefficient on sequence-level KL that this step applies for ``beta``: in the
-        reward it is β itself (β·Σ_t k_t); in a per-token-mean loss it is β/L̄ with L̄ the
-        mean completion length (exact for ``sequence`` aggregation, for ``token`` in
-        expectation)."""
-        if m.cfg.kl.placement == "reward":
-            return beta
-        if m.cfg.kl.placement == "none":
-            return 0.0
-        return beta / max(metrics["policy/length"], 1.0)
+        """The coefficient on sequence-level KL that this step applies for ``beta``: β in the
+        reward; in the loss β times the advantages' divisor, since the surrogate and the KL
+        term are aggregated alike (see ``sequence_kl_coefficient``)."""
+        return sequence_kl_coefficient(m.cfg.kl.placement, beta,
+                                       metrics["policy/advantage_scale"])
 
     def step(self, m: KLPolicyModule, prompts: Tensor) -> dict[str, float]:
         c, kl_cfg = self.config, m.cfg.kl
@@ -90,6 +97,8 @@ class GRPO:
             kl_t = m.kl_values(logp.detach(), ref_logp, logits.detach(), ref_logits)
             shaped = rewards - beta * masked_sum(kl_t, mask)
         advantages = group_advantages(shaped, c.group_size, c.scale_rewards)
+        metrics["policy/advantage_scale"] = advantage_scale(shaped, c.group_size,
+                                                            c.scale_rewards)
 
         for update in range(c.updates_per_rollout):
             if update > 0:

@@ -59,13 +59,18 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float,
     return advantages, (advantages + values) * mask
 
 
+def whitening_scale(values: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """What ``whiten`` divides by: the standard deviation over ``mask`` (unbiased, as TRL)."""
+    mean = masked_mean(values, mask)
+    n = mask.sum().clamp(min=2).to(values.dtype)
+    return torch.sqrt(masked_mean((values - mean).square(), mask) * n / (n - 1) + eps)
+
+
 def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
     """``values`` scaled to unit variance over ``mask`` (unbiased variance, as TRL), and
     centred unless ``shift_mean`` is false; zero outside the mask."""
     mean = masked_mean(values, mask)
-    n = mask.sum().clamp(min=2).to(values.dtype)
-    variance = masked_mean((values - mean).square(), mask) * n / (n - 1)
-    whitened = (values - mean) * torch.rsqrt(variance + eps)
+    whitened = (values - mean) / whitening_scale(values, mask, eps)
     if not shift_mean:
         whitened = whitened + mean
     return whitened * mask
@@ -132,7 +137,10 @@ class PPO:
         return self.config.prompts_per_step
 
     def beta_seq(self, m: KLPolicyModule, beta: float, metrics: dict[str, float]) -> float:
-        return sequence_kl_coefficient(m.cfg.kl.placement, beta, metrics["policy/length"])
+        """β in the reward; in the loss β times the whitening divisor of the advantages
+        (see ``sequence_kl_coefficient``)."""
+        return sequence_kl_coefficient(m.cfg.kl.placement, beta,
+                                       metrics["policy/advantage_scale"])
 
     @torch.no_grad()
     def _features(self, m: KLPolicyModule, rollout: Rollout) -> Tensor:
@@ -160,7 +168,9 @@ class PPO:
                 if placement == "reward" else None)
         rewards = token_rewards(scores, mask, kl_t, beta)
         advantages, returns = gae(rewards, old_values, mask, c.gamma, c.lam)
+        metrics["policy/advantage_scale"] = 1.0
         if c.whiten_advantages:
+            metrics["policy/advantage_scale"] = float(whitening_scale(advantages, mask))
             advantages = whiten(advantages, mask)
 
         totals: dict[str, float] = {}
