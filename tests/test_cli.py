@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from klsweep.__main__ import main
 from tests.conftest import TINY, run_klsweep
@@ -58,20 +59,23 @@ def test_the_real_command_rejects_bad_input_without_a_traceback(tmp_path):
 @pytest.mark.slow
 def test_a_tiny_run_writes_its_record_and_wandb_history(tmp_path):
     run_dir = tmp_path / "run"
-    result = run_klsweep(*TINY, f"hydra.run.dir={run_dir}")
+    result = run_klsweep(*TINY, "steps=3", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr
-    assert "klsweep: grpo-k3-adaptive-s0 completed after 4/4 steps" in result.stdout
+    assert "klsweep: grpo-k3-adaptive-s0 completed after 3/3 steps" in result.stdout
     assert (run_dir / ".hydra" / "config.yaml").exists()
-    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    # the last checkpoint holds the β schedule's state after the last step, for an exact resume
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["klsweep"]["step_count"] == 3
+    assert checkpoint["klsweep"]["schedule"]["steps_done"] == 3
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in rows] == [0, 1, 2, 3]
+    assert [row["step"] for row in rows] == [0, 1, 2]
     required = ("kl/mean kl/k1 kl/k2 kl/k3 kl/seq kl/beta kl/target reward/mean reward/std "
                 "policy/entropy policy/clipfrac loss/total perf/tokens_per_s perf/step_s").split()
     for row in rows:
         assert set(required) <= set(row)
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["steps_done"] == 4
-    last_quarter = rows[-1]  # 4 steps: the last quarter is the last step
+    assert summary["status"] == "completed" and summary["steps_done"] == 3
+    last_quarter = rows[-1]  # 3 steps: the last quarter is the last step
     assert summary["kl/final"] == pytest.approx(last_quarter["kl/mean"])
     assert summary["reward/final"] == pytest.approx(last_quarter["reward/mean"])
 

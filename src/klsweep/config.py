@@ -307,12 +307,13 @@ def validate(cfg: DictConfig) -> None:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except Exception as err:  # an interpolation or ??? left unfilled
         raise ConfigError(str(err).splitlines()[0]) from None
-    known = {"seed", "name", "steps", "kl", "optim", "rollout", "checkpoint", "trial", "algo",
-             "task", "model", "trainer", "logger", "hydra"}
+    known = {"seed", "threads", "name", "steps", "kl", "optim", "rollout", "checkpoint", "trial",
+             "algo", "task", "model", "trainer", "logger", "hydra"}
     for key in cfg:
         if key not in known:
             raise ConfigError(f"{key} is not a known key (allowed: {', '.join(sorted(known))})")
     check_value("seed", cfg.seed, {"kind": "integer", "ge": 0})
+    check_value("threads", cfg.threads, {"kind": "integer", "ge": 1, "optional": True})
     check_value("name", cfg.name, {"kind": "string", "optional": True})
     check_value("steps", cfg.steps, {"kind": "integer", "ge": 1})
     _check_choice_node("algo", cfg.algo, ALGO_SCHEMAS)
@@ -332,14 +333,13 @@ def validate(cfg: DictConfig) -> None:
     check_node("checkpoint", cfg.checkpoint, CheckpointSchema)
     check_node("trial", cfg.trial, TrialSchema)
     check_node("logger", cfg.logger, LoggerSchema)
-    if cfg.task.name == "digits" and cfg.task.min_len > cfg.task.max_len:
     if cfg.task.name == "exact":
         _check_exact_sizes(cfg.task)
+    if cfg.task.name == "digits" and cfg.task.min_len > cfg.task.max_len:
         raise ConfigError(f"task.min_len must be <= task.max_len "
                           f"(got {cfg.task.min_len} > {cfg.task.max_len})")
 
 
-# ---------------------------------------------------------------------------------------------
 def _check_exact_sizes(task: DictConfig) -> None:
     prompts = task.vocab_size ** task.prompt_len
     if task.n_prompts > prompts:
@@ -351,6 +351,7 @@ def _check_exact_sizes(task: DictConfig) -> None:
                           f"{EXACT_MAX_SEQUENCES} to enumerate (got {sequences})")
 
 
+# ---------------------------------------------------------------------------------------------
 # Checks on the command line, before Hydra creates a run dir
 
 
