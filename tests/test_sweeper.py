@@ -76,6 +76,7 @@ def test_sweep_writes_its_files_and_the_same_command_resumes_to_n_trials(tmp_pat
     assert second.returncode == 0, second.stderr
     study = load(tmp_path, "beta_target")
     assert states(study) == ["COMPLETE"] * 3  # exactly one trial added
+    assert len({tuple(t.params.values()) for t in study.trials}) == 3  # not a replayed draw
     assert all(set(t.params) == {"kl.beta", "kl.target"} for t in study.trials)
     assert "Pareto front (pareto.yaml)" in second.stdout + second.stderr
 

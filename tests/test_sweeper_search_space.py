@@ -109,6 +109,9 @@ def test_objectives_name_numbers_of_a_run_summary():
     known = known_objectives()
     assert {"reward/final", "kl/final", "kl/seq_final", "kl/beta_final",
             "wall_time_s"} <= set(known)
+    assert "exact/improvement_left_final" not in known
+    assert {"exact/improvement_left_final", "exact/kl_final", "exact/reward_final",
+            "reward/final"} <= set(known_objectives("exact"))
     assert check_objectives({}) == {"reward/final": "maximize"}
     assert check_objectives({"kl/final": "minimize", "reward/final": "maximize"}) == {
         "kl/final": "minimize", "reward/final": "maximize"}

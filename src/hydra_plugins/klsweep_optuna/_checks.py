@@ -25,29 +25,46 @@ DEFAULT_OBJECTIVES = {"reward/final": "maximize"}
 RUN_NUMBERS = ("steps_done", "wall_time_s", "fit_time_s", "perf/tokens_per_s")
 
 
-def known_objectives() -> list[str]:
+def _exact_metrics() -> dict[str, float]:
+    """The ``exact/*`` figures the exact task logs, of a two-completion toy policy."""
+    import numpy as np
+
+    from klsweep.exact_math import exact_metrics
+
+    logp = np.log(np.full((1, 2), 0.5))
+    return exact_metrics(logp, logp, np.array([[0.0, 1.0]]), beta_seq=1.0)
+
+
+# the metrics a task logs beside every run's, by task name
+TASK_METRICS = {"exact": _exact_metrics}
+
+
+def known_objectives(task: str | None = None) -> list[str]:
     """Every number a run's summary holds: the final metrics that ``summarize`` derives from
-    the logged keys (asked of ``summarize`` itself, so the two never disagree) and the run's
-    own numbers."""
+    the logged keys, ``task``'s own among them (asked of ``summarize`` and of the task's
+    metric function themselves, so they never disagree), and the run's own numbers."""
     from klsweep.records import FINAL_KEYS, summarize
 
     logged = {key: 0.0 for key in (*FINAL_KEYS, "kl/beta")}
+    if task in TASK_METRICS:
+        logged.update(TASK_METRICS[task]())
     return sorted({*summarize([logged]), *RUN_NUMBERS})
 
 
-def check_objectives(objectives: Mapping[str, Any]) -> dict[str, str]:
+def check_objectives(objectives: Mapping[str, Any], task: str | None = None) -> dict[str, str]:
     """``{metric: direction}`` in order, without those set to null; none at all means
     reward/final, maximized."""
     chosen = {name: direction for name, direction in objectives.items()
               if direction is not None} or dict(DEFAULT_OBJECTIVES)
-    known = known_objectives()
+    known = known_objectives(task)
     for name, direction in chosen.items():
         if direction not in DIRECTIONS:
             raise SweepConfigError(f"hydra.sweeper.objectives.{name} must be maximize or "
                                    f"minimize (got {direction!r})")
         if name not in known:
             raise SweepConfigError(f"hydra.sweeper.objectives: {name} is not a number of a "
-                                   f"run's summary (allowed: {', '.join(known)})")
+                                   f"run's summary with task={task} "
+                                   f"(allowed: {', '.join(known)})")
     return chosen
 
 

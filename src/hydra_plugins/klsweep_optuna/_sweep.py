@@ -66,13 +66,14 @@ class OptunaSweep:
         parser = OverridesParser.create(config_loader=self.config_loader)
         params = OmegaConf.to_container(s.params, resolve=True)
         self.space: SearchSpace = parse_search_space(params, arguments, parser)
-        self.objectives = check_objectives(OmegaConf.to_container(s.objectives, resolve=True))
+        self.objectives = check_objectives(OmegaConf.to_container(s.objectives, resolve=True),
+                                           task=OmegaConf.select(self.config, "task.name"))
         n_objectives = len(self.objectives)
         self.pruner = check_pruner(OmegaConf.to_container(s.pruner, resolve=True), n_objectives)
-        sampler_spec = OmegaConf.to_container(s.sampler, resolve=True)
-        self.sampler = make_sampler(sampler_spec, self.space.distributions, n_objectives)
+        self.sampler_spec = OmegaConf.to_container(s.sampler, resolve=True)
+        self.sampler = make_sampler(self.sampler_spec, self.space.distributions, n_objectives)
         self.grid = (list(itertools.product(*grid_space(self.space.distributions).values()))
-                     if sampler_spec["name"] == "grid" else None)
+                     if self.sampler_spec["name"] == "grid" else None)
         check_params(self.space, self.config, self.config_loader)
         self.n_trials = s.n_trials if self.grid is None else min(s.n_trials, len(self.grid))
         self.max_failures = s.max_failures or s.n_trials
@@ -101,6 +102,14 @@ class OptunaSweep:
             raise SweepConfigError(f"{where} was run with {' '.join(before['overrides'])!r}, "
                                    f"not {' '.join(self.space.fixed)!r}: resume it with the "
                                    f"same overrides or set hydra.sweeper.study_name")
+        held = len(study.get_trials(deepcopy=False))
+        if held and self.sampler_spec.get("seed") is not None:
+            # a seeded sampler made anew would replay the first run's draws: a resumed study
+            # moves its seed on by the trials it holds (workers sharing a study at once
+            # should leave the seed null, or they draw alike)
+            study.sampler = make_sampler({**self.sampler_spec,
+                                          "seed": self.sampler_spec["seed"] + held},
+                                         self.space.distributions, len(self.objectives))
         study.set_user_attr(SWEEP_ATTR, {
             "objectives": self.objectives, "overrides": list(self.space.fixed),
             "params": {key: str(dist) for key, dist in self.space.distributions.items()},
