@@ -143,6 +143,22 @@ def wandb_mode(configured: str) -> str:
     return "online" if wandb_credentials_present() else "offline"
 
 
+# Every row carries ``step`` (one policy update). Lightning's WandbLogger plots everything
+# against ``trainer/global_step``; klsweep's own axis is named explicitly so that KL, β and
+# reward line up across algorithms whatever Lightning counts. Exact names take precedence over
+# globs in W&B, and redefining "*" replaces Lightning's default for every other key.
+STEP_METRIC = "step"
+STEP_PLOTTED = ("kl/mean", "kl/seq", "kl/beta", "kl/target", "reward/mean")
+
+
+def define_step_metrics(run: Any) -> None:
+    """Make ``step`` the x-axis of every metric of a W&B run."""
+    run.define_metric(STEP_METRIC)
+    run.define_metric("*", step_metric=STEP_METRIC, step_sync=True)
+    for key in STEP_PLOTTED:
+        run.define_metric(key, step_metric=STEP_METRIC)
+
+
 def make_wandb_logger(*, run_dir: Path, project: str, group: str | None, name: str,
                       job_type: str, tags: list[str], config: dict[str, Any], mode: str):
     """A started WandbLogger. An online start that fails (no network) falls back to
@@ -160,4 +176,5 @@ def make_wandb_logger(*, run_dir: Path, project: str, group: str | None, name: s
             raise
         logger = WandbLogger(mode="offline", **kwargs)
         _ = logger.experiment
+    define_step_metrics(logger.experiment)
     return logger

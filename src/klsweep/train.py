@@ -27,6 +27,7 @@ from klsweep.records import (
     write_json,
 )
 from klsweep.tasks import build_task
+from klsweep.tracking import run_tracking
 
 log = logging.getLogger("klsweep")
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "dropout")
@@ -113,6 +114,9 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
         "wall_time_s": time.perf_counter() - started, "fit_time_s": fit_s,
         "perf/tokens_per_s": tokens / fit_s if fit_s > 0 else 0.0,
         **summarize(history),
+        **run_tracking(history, cfg.kl.target,
+                       "kl/seq" if cfg.kl.unit == "sequence" else "kl/mean"),
+        "group": cfg.logger.get("group") or group,
         "run_dir": str(run_dir), "versions": versions(),
     }
     summary["perf/tokens_per_s_final"] = summary.pop("perf/tokens_per_s_final", 0.0)
