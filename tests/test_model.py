@@ -53,3 +53,18 @@ def test_generate_masks_after_eos_and_logs_the_sampling_logprobs():
     logits = completion_logits(model, rollout.tokens, rollout.prompt_len, temperature=0.7)
     logp = token_logprobs(logits, completions)
     torch.testing.assert_close(rollout.old_logp, logp * mask, rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_completion_logits_equal_one_pass_per_row():
+    model = _model(4).train()  # with gradient, as in the policy update
+    torch.manual_seed(5)
+    prompts = torch.randint(0, 10, (3, 4))
+    rollout = generate(model, prompts, n_per_prompt=4, max_new_tokens=6, eos_id=10)
+    grouped = completion_logits(model, rollout.tokens, rollout.prompt_len, group_size=4)
+    plain = completion_logits(model, rollout.tokens, rollout.prompt_len)
+    torch.testing.assert_close(grouped, plain, rtol=1e-5, atol=1e-5)
+    # the gradient through the shared prompt sums over its group
+    weights = torch.randn_like(plain)
+    grad_grouped = torch.autograd.grad((grouped * weights).sum(), model.wte.weight)[0]
+    grad_plain = torch.autograd.grad((plain * weights).sum(), model.wte.weight)[0]
+    torch.testing.assert_close(grad_grouped, grad_plain, rtol=1e-4, atol=1e-5)

@@ -94,12 +94,12 @@ class KLPolicyModule(L.LightningModule):
     def reference_logprobs(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
         self.reference.eval()
         logits = completion_logits(self.reference, rollout.tokens, rollout.prompt_len,
-                                   self.cfg.rollout.temperature)
+                                   self.cfg.rollout.temperature, rollout.group_size)
         return logits, token_logprobs(logits, rollout.completions)
 
     def policy_logprobs(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
         logits = completion_logits(self.policy, rollout.tokens, rollout.prompt_len,
-                                   self.cfg.rollout.temperature)
+                                   self.cfg.rollout.temperature, rollout.group_size)
         return logits, token_logprobs(logits, rollout.completions)
 
     @torch.no_grad()

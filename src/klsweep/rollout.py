@@ -7,19 +7,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from klsweep.models.tiny import TinyGPT
+from klsweep.models.tiny import SharedPrefix, TinyGPT
 
 
 @dataclass
 class Rollout:
     """Sampled completions. ``tokens`` [B, P+N] holds prompt and completion; ``mask`` [B, N]
     marks the completion tokens up to and including EOS; ``old_logp`` [B, N] are their
-    log-probabilities under the sampling policy (temperature applied)."""
+    log-probabilities under the sampling policy (temperature applied). Rows come in
+    consecutive groups of ``group_size`` that share one prompt."""
 
     tokens: Tensor
     mask: Tensor
     old_logp: Tensor
     prompt_len: int
+    group_size: int = 1
 
     @property
     def completions(self) -> Tensor:
@@ -64,15 +66,24 @@ def generate(model: TinyGPT, prompts: Tensor, *, n_per_prompt: int, max_new_toke
         logits = model(token[:, None], cache)[:, -1]
     old_logp = old_logp * mask
     tokens = torch.cat([prompts.repeat_interleave(n_per_prompt, dim=0), new_tokens], dim=1)
-    return Rollout(tokens=tokens, mask=mask, old_logp=old_logp, prompt_len=prompt_len)
+    return Rollout(tokens=tokens, mask=mask, old_logp=old_logp, prompt_len=prompt_len,
+                   group_size=n_per_prompt)
 
 
 def completion_logits(model: TinyGPT, tokens: Tensor, prompt_len: int,
-                      temperature: float = 1.0) -> Tensor:
-    """Logits [B, N, vocab] that predict each completion token, from one forward pass over
-    ``tokens`` [B, P+N]; divided by the sampling temperature so that they describe the
-    distribution the tokens were drawn from."""
-    logits = model(tokens[:, :-1])[:, prompt_len - 1:]
+                      temperature: float = 1.0, group_size: int = 1) -> Tensor:
+    """Logits [B, N, vocab] that predict each completion token of ``tokens`` [B, P+N],
+    divided by the sampling temperature so that they describe the distribution the tokens
+    were drawn from. With ``group_size`` > 1, rows come in groups that share a prompt, and
+    each prompt is computed once for its group (a third of the work at 8 prompt tokens)."""
+    if group_size > 1:
+        prefix = SharedPrefix(group_size)
+        prompts = tokens[::group_size, :prompt_len]
+        last_prompt = model(prompts, prefix, record=True)[:, -1:]
+        rest = model(tokens[:, prompt_len:-1], prefix)
+        logits = torch.cat([last_prompt.repeat_interleave(group_size, dim=0), rest], dim=1)
+    else:
+        logits = model(tokens[:, :-1])[:, prompt_len - 1:]
     return logits.float() / temperature if temperature != 1.0 else logits.float()
 
 

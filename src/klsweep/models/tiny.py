@@ -21,7 +21,7 @@ class TinyGPTConfig:
 
 class KVCache:
     """Preallocated keys and values of every layer, [B, H, T_max, D] each; ``length`` tokens
-    are filled. Writing in place avoids a torch.cat per decoded token."""
+    are filled. Writing in place avoids a torch.cat per decoded token (sampling, no grad)."""
 
     def __init__(self, config: TinyGPTConfig, batch_size: int, max_len: int,
                  device: torch.device, dtype: torch.dtype) -> None:
@@ -31,6 +31,13 @@ class KVCache:
         self.values = [torch.empty(shape, device=device, dtype=dtype)
                        for _ in range(config.n_layer)]
         self.length = 0
+
+    def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append this layer's new keys and values; return all of them so far."""
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def repeat_interleave(self, repeats: int) -> KVCache:
         """The cache of each sequence copied ``repeats`` times (a prompt's prefill shared by
@@ -42,6 +49,28 @@ class KVCache:
         return new
 
 
+class SharedPrefix:
+    """Keys and values of prompts, each shared by ``repeats`` consecutive continuations, for
+    a forward pass with gradient: the prompt is computed once per group instead of once per
+    completion, and its gradient sums over the group. Filled by one pass over the prompts
+    (``record``), then read by one pass over the continuations (``extend``)."""
+
+    def __init__(self, repeats: int) -> None:
+        self.repeats = repeats
+        self.keys: list[Tensor] = []
+        self.values: list[Tensor] = []
+        self.length = 0
+
+    def record(self, layer: int, k: Tensor, v: Tensor) -> None:
+        self.keys.append(k)
+        self.values.append(v)
+
+    def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        prefix_k = self.keys[layer].repeat_interleave(self.repeats, dim=0)
+        prefix_v = self.values[layer].repeat_interleave(self.repeats, dim=0)
+        return torch.cat([prefix_k, k], dim=2), torch.cat([prefix_v, v], dim=2)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: TinyGPTConfig) -> None:
         super().__init__()
@@ -51,22 +80,25 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd)
         self.dropout = config.dropout
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | SharedPrefix | None = None,
+                layer: int = 0, record: bool = False) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if cache is None:
+        if cache is None or record:
+            if record:
+                cache.record(layer, k, v)
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         else:
             start = cache.length
-            cache.keys[layer][:, :, start:start + T] = k
-            cache.values[layer][:, :, start:start + T] = v
-            k = cache.keys[layer][:, :, :start + T]
-            v = cache.values[layer][:, :, :start + T]
-            # A single new query may look at every cached key; a prefill is causal within
-            # itself and starts from an empty cache.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            k, v = cache.extend(layer, k, v)
+            # Queries at positions start..start+T-1 see every earlier key: SDPA's is_causal
+            # aligns to the top left, so a continuation of a prefix needs an explicit mask.
+            mask = None
+            if T > 1:
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -88,8 +120,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x: Tensor, cache: KVCache | SharedPrefix | None = None, layer: int = 0,
+                record: bool = False) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, record)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -114,25 +147,28 @@ class TinyGPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def hidden_states(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Final-layer hidden states [B, T, C] of tokens ``idx`` [B, T]; with a cache, ``idx``
-        continues the cached sequence and the cache grows by T."""
+    def hidden_states(self, idx: Tensor, cache: KVCache | SharedPrefix | None = None,
+                      record: bool = False) -> Tensor:
+        """Final-layer hidden states [B, T, C] of tokens ``idx`` [B, T]. With a cache, ``idx``
+        continues the cached sequences and the cache grows by T; with ``record``, ``idx`` is
+        a prefix whose keys and values the cache keeps."""
         T = idx.shape[1]
-        start = 0 if cache is None else cache.length
+        start = 0 if cache is None or record else cache.length
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size "
                              f"{self.config.block_size}")
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.wte(idx) + self.wpe(pos)
         for layer, block in enumerate(self.blocks):
-            x = block(x, cache, layer)
+            x = block(x, cache, layer, record)
         if cache is not None:
-            cache.length += T
+            cache.length = start + T
         return self.ln_f(x)
 
-    def forward(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, idx: Tensor, cache: KVCache | SharedPrefix | None = None,
+                record: bool = False) -> Tensor:
         """Logits [B, T, vocab] of the next token at every position of ``idx``."""
-        return self.lm_head(self.hidden_states(idx, cache))
+        return self.lm_head(self.hidden_states(idx, cache, record))
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         weight = self.wte.weight
