@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from optuna import TrialPruned
@@ -64,7 +65,11 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
     callbacks: list[Callback] = [
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best",
                         monitor="reward/mean", mode="max", save_last=True,
-                        every_n_train_steps=cfg.checkpoint.every)]
+                        every_n_train_steps=cfg.checkpoint.every),
+        # Lightning lets one callback save by steps or by epochs, not both: this one writes
+        # last.ckpt at the end, whatever the step count.
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", every_n_epochs=1,
+                        enable_version_counter=False)]
     if cfg.trial.storage:  # a trial of an Optuna sweep: report to its pruner
         from klsweep.pruning import TrialPruning
 
@@ -77,6 +82,8 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
     A failed run writes its summary with the reason and raises."""
     validate(cfg)
     started = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, verbose=False)
     warnings.filterwarnings("ignore", module="lightning")
     for name in ("lightning.pytorch", "lightning.fabric"):
