@@ -162,6 +162,9 @@ def test_exact_task_runs_report_exact_kl_per_token(tmp_path):
     # the last exact/kl (per sequence) is 2·0.05, over completions of 2 tokens
     assert float(row["exact_kl"]) == pytest.approx(TARGET)
     assert float(row["exact_reward"]) == 0.5
+    text = (tmp_path / "report.md").read_text()
+    assert "| exact KL (nats/token) | exact reward | gap to frontier |" in text
+    assert "| 0.05 ± 0 | 0.5 ± 0 | 0.01 ± 0 |" in text
     assert (tmp_path / "reward_vs_kl.png").is_file()
 
 

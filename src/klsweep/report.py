@@ -69,7 +69,7 @@ def fmt_stat(stat: tuple[float, float, int], total: int, digits: int = 3,
         return missing
     if std <= 1e-9 * abs(mean):  # seeds equal up to rounding
         std = 0.0
-    text = f"{fmt(mean, digits)} ± {fmt(std, 2)}" if total > 1 else fmt(mean, digits)
+    text = f"{fmt(mean, digits)} ± {fmt(std, 2)}" if n > 1 else fmt(mean, digits)
     return text if n == total else f"{text} ({n}/{total})"
 
 
@@ -92,6 +92,36 @@ def best_tracker_sentence(groups: Sequence[Group]) -> str:
     return text + "."
 
 
+# (header, metric, significant digits, text where no seed has the value)
+_GROUP_COLUMNS = (("steps to ±20%", "steps_to_target", 3, "never"),
+                  ("overshoot (max/target)", "overshoot", 3, "–"),
+                  ("tracking error", "tracking_error", 3, "–"),
+                  ("β volatility", "beta_volatility", 3, "–"),
+                  ("final reward", "reward_final", 3, "–"),
+                  ("final KL (nats/token)", "kl_final", 3, "–"))
+_EXACT_COLUMNS = (("exact KL (nats/token)", "exact_kl", 3, "–"),
+                  ("exact reward", "exact_reward", 3, "–"),
+                  ("gap to frontier", "exact_frontier_gap", 2, "–"))
+_WALL_TIME_COLUMN = (("wall time (s)", "wall_time_s", 2, "–"),)
+
+
+def group_table(members: Sequence[Group]) -> list[str]:
+    """The markdown table of a panel's groups, mean ± std over seeds; the exact task's own
+    columns where its runs have them."""
+    exact = any(g.stats["exact_kl"][2] for g in members)
+    columns = _GROUP_COLUMNS + (_EXACT_COLUMNS if exact else ()) + _WALL_TIME_COLUMN
+    lines = ["| group | seeds | " + " | ".join(c[0] for c in columns) + " |",
+             "|---" * (len(columns) + 2) + "|"]
+    for g in members:
+        n = len(g.runs)
+        failed = ", ".join(f"{k} {s}" for s, k in sorted(failures(g).items()))
+        cells = [fmt_stat(g.stats[metric], n, digits, missing)
+                 for _, metric, digits, missing in columns]
+        lines.append(f"| {g.label} | {n}{f' ({failed})' if failed else ''} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
 def write_markdown(path: Path, runs: Sequence[Run], groups: Sequence[Group],
                    figures: dict[str, str], sources: Sequence[str]) -> None:
     statuses: dict[str, int] = {}
@@ -110,18 +140,7 @@ def write_markdown(path: Path, runs: Sequence[Run], groups: Sequence[Group],
         lines += [f"## {panel}", "",
                   f"Target KL: {', '.join(fmt(t) for t in targets)} ({kl_unit}). "
                   + best_tracker_sentence(members), "",
-                  "| group | seeds | steps to ±20% | overshoot (max/target) | tracking error "
-                  "| β volatility | final reward | final KL (nats/token) | wall time (s) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for g in members:
-            n = len(g.runs)
-            cells = [fmt_stat(g.stats[m], n) for m in GROUP_METRICS]
-            cells[0] = fmt_stat(g.stats["steps_to_target"], n, missing="never")
-            cells[-1] = fmt_stat(g.stats["wall_time_s"], n, 2)
-            failed = ", ".join(f"{k} {s}" for s, k in sorted(failures(g).items()))
-            lines.append(f"| {g.label} | {n}{f' ({failed})' if failed else ''} | "
-                         + " | ".join(cells) + " |")
-        lines.append("")
+                  *group_table(members), ""]
     for title, name in figures.items():
         lines += [f"### {title}", "", f"![{title}]({name})", ""]
     lines += ["## Runs", "",

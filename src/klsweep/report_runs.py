@@ -27,6 +27,8 @@ _IGNORED_PREFIXES = ("seed", "name", "trial.", "checkpoint.", "logger.", "task.c
 # The metrics aggregated per group, in the order of the report's table.
 GROUP_METRICS = ("steps_to_target", "overshoot", "tracking_error", "beta_volatility",
                  "reward_final", "kl_final", "wall_time_s")
+# The exact task's last evaluation, aggregated too where runs have it.
+EXACT_METRICS = ("exact_kl", "exact_reward", "exact_frontier_gap")
 
 
 @dataclass
@@ -233,7 +235,8 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
         group.runs.sort(key=lambda r: r.seed)
         for run in group.runs:
             run.record["group"] = group.label
-        group.stats = {m: mean_std(r.record[m] for r in group.runs) for m in GROUP_METRICS}
+        group.stats = {m: mean_std(r.record.get(m, math.nan) for r in group.runs)
+                       for m in GROUP_METRICS + EXACT_METRICS}
     return sorted(groups.values(), key=lambda g: (g.panel, *_rank(g), g.label))
 
 
