@@ -57,6 +57,7 @@ class OptunaSweep:
         self.settings, self.config, self.launcher = settings, config, launcher
         self.config_loader = hydra_context.config_loader
         self.job_index = 0
+        self.trial_ids: dict[int, int] = {}  # trial number -> the storage's trial id
 
     # --- before any trial ---------------------------------------------------------------
     def plan(self, arguments: Sequence[str]) -> None:
@@ -163,7 +164,11 @@ class OptunaSweep:
         with warnings.catch_warnings():
             # Optuna expects heartbeats from study.optimize; this loop records them itself
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
-            return study.ask(self.space.distributions)
+            trial = study.ask(self.space.distributions)
+        # a first heartbeat at once: a RUNNING trial that never had one is never found stale
+        self.trial_ids[trial.number] = trial_id(self.storage, self.study_name, trial.number)
+        self.storage.record_heartbeat(self.trial_ids[trial.number])
+        return trial
 
     def claim(self, study: optuna.Study, trials: list[Trial]) -> list[Trial]:
         """The asked trials this worker runs; one that another worker's trials made surplus
@@ -187,7 +192,7 @@ class OptunaSweep:
                  # one dir per trial, named by its number, so a resumed study adds dirs
                  f"hydra.sweep.subdir={trial.number}"]
                 for trial in batch]
-        ids = [trial_id(self.storage, self.study_name, trial.number) for trial in batch]
+        ids = [self.trial_ids[trial.number] for trial in batch]
         with Heartbeat(self.storage, ids, self.settings.heartbeat_interval):
             results = self.launcher.launch(jobs, initial_job_idx=self.job_index)
         self.job_index += len(jobs)
