@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.samplers import GridSampler, NSGAIISampler
 
 from hydra_plugins.klsweep_optuna._checks import check_objectives, known_objectives
 from hydra_plugins.klsweep_optuna._errors import SweepConfigError
@@ -19,6 +21,7 @@ from hydra_plugins.klsweep_optuna._search_space import (
     override_string,
     parse_search_space,
 )
+from hydra_plugins.klsweep_optuna._study import check_pruner, make_sampler
 
 PARSER = OverridesParser.create()
 
@@ -132,3 +135,30 @@ def test_hydra_discovers_the_sweeper_in_the_editable_install():
     src = Path(__file__).resolve().parents[1] / "src"
     assert Path(plugin.__file__).resolve().is_relative_to(src)
     assert not (src / "hydra_plugins" / "__init__.py").exists()  # a namespace package
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: check_pruner({"name": "median", "n_warmup": 3}, 1),
+     "hydra.sweeper.pruner.n_warmup is not an option of pruner=median (allowed: interval_steps"),
+    (lambda: check_pruner({"name": "median"}, 2), "pruner.name=median needs a single objective"),
+    (lambda: check_pruner({"name": "patient"}, 1), "pruner.name must be one of none, median"),
+    (lambda: make_sampler({"name": "tpe", "n_startup": 3}, {}, 1),
+     "hydra.sweeper.sampler.n_startup is not an option of sampler=tpe"),
+    (lambda: make_sampler({"name": "cmaes"}, {}, 2), "sampler.name=cmaes optimises one objective"),
+    (lambda: make_sampler({"name": "grid"}, {"kl.beta": FloatDistribution(0.01, 0.5)}, 1),
+     "hydra.sweeper.params.kl.beta: sampler grid needs a choice or a range"),
+])
+def test_bad_sampler_and_pruner_settings_fail_with_one_line(make, message):
+    with pytest.raises(SweepConfigError, match=re.escape(message)):
+        make()
+
+
+def test_samplers_and_pruners_are_built_with_their_options():
+    sampler = make_sampler({"name": "grid", "seed": 0},
+                           {"seed": IntDistribution(0, 2), "schedule": CategoricalDistribution(
+                               ["fixed", "pid"])}, 2)
+    assert isinstance(sampler, GridSampler)
+    assert isinstance(make_sampler({"name": "nsgaii", "population_size": 8, "seed": 1}, {}, 2),
+                      NSGAIISampler)
+    assert check_pruner({"name": "hyperband", "min_resource": 2}, 1) == {
+        "name": "hyperband", "min_resource": 2}

@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 from hydra_plugins.klsweep_optuna._errors import SweepConfigError
 from hydra_plugins.klsweep_optuna._search_space import grid_values
-from klsweep.pruning import PRUNERS
+from klsweep.pruning import PRUNERS, make_pruner
 
 
 class _SweepGridSampler(GridSampler):
@@ -100,8 +100,6 @@ def check_pruner(spec: Mapping[str, Any], n_objectives: int) -> dict[str, Any]:
     if spec["name"] != "none" and n_objectives > 1:
         raise SweepConfigError(f"hydra.sweeper.pruner.name={spec['name']} needs a single "
                                f"objective (Optuna prunes by one value; got {n_objectives})")
-    from klsweep.pruning import make_pruner
-
     try:
         make_pruner(spec)
     except (TypeError, ValueError) as err:
