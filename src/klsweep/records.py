@@ -163,18 +163,25 @@ def make_wandb_logger(*, run_dir: Path, project: str, group: str | None, name: s
                       job_type: str, tags: list[str], config: dict[str, Any], mode: str):
     """A started WandbLogger. An online start that fails (no network) falls back to
     offline, so a run never fails for W&B."""
+    import wandb
     from lightning.pytorch.loggers import WandbLogger
 
     os.environ.setdefault("WANDB_SILENT", "true")
     kwargs = dict(project=project, group=group, name=name, job_type=job_type, tags=tags,
-                  save_dir=str(run_dir), config=config)
+                  save_dir=str(run_dir), config=config, settings=wandb.Settings(silent=True))
     try:
-        logger = WandbLogger(mode=mode, **kwargs)
-        _ = logger.experiment
+        logger = _started(WandbLogger(mode=mode, **kwargs))
     except Exception:
         if mode == "offline":
             raise
-        logger = WandbLogger(mode="offline", **kwargs)
-        _ = logger.experiment
+        logger = _started(WandbLogger(mode="offline", **kwargs))
     define_step_metrics(logger.experiment)
+    return logger
+
+
+def _started(logger):
+    # Lightning always passes wandb's deprecated ``anonymous`` argument, which wandb answers
+    # with a warning the user can do nothing about.
+    logger._wandb_init.pop("anonymous", None)
+    _ = logger.experiment
     return logger
