@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import yaml
 
-from klsweep.report import main
+from klsweep.report import best_tracker_sentence, main
 from klsweep.report_figures import exact_frontier, pareto_front
+from klsweep.report_runs import Group
 
 TARGET = 0.05
 STEPS = 50
@@ -125,7 +126,7 @@ def test_report_md_ranks_schedules_by_tracking_error_with_mean_and_std(sweep):
     assert "| fixed | 2 | never | 8.9 ± 0 | 6.4 ± 0 | 0 ± 0 |" in text
     assert "**adaptive** tracked the target best: tracking error 0.1 ± 0.14" in text
     # the diverged pid ranks last though its error before it stopped (5) is below fixed's
-    assert "runner-up **fixed**" in text
+    assert "runner-up **fixed** (64.0× as much); the gap is more than two standard errors" in text
     assert "| pid | 1 (1 diverged) | never | 6 | 5 |" in text
     table = text[text.index("| group |"):text.index("### ")]
     assert table.index("| adaptive |") < table.index("| fixed |") < table.index("| pid |")
@@ -189,3 +190,17 @@ def test_pareto_front_keeps_points_no_other_beats_on_both():
     front_kl, front_reward = pareto_front(kl, reward)
     assert list(front_kl) == [0.1, 0.2, 0.5]
     assert list(front_reward) == [0.5, 0.7, 0.9]
+
+
+def test_best_tracker_says_when_seeds_do_not_separate_the_two_best():
+    def group(label, mean, std, n):
+        return Group(panel="grpo · digits", label=label, schedule=label, runs=[],
+                     stats={"tracking_error": (mean, std, n)})
+
+    # gap 0.03; standard error of the difference sqrt(0.07²/2 + 0.03²/2) = 0.054
+    close = best_tracker_sentence([group("pid", 0.17, 0.07, 2), group("adaptive", 0.2, 0.03, 2)])
+    assert "within two standard errors (0.11), so more seeds are needed" in close
+    apart = best_tracker_sentence([group("pid", 0.17, 0.01, 3), group("adaptive", 0.5, 0.02, 3)])
+    assert "the gap is more than two standard errors" in apart
+    alone = best_tracker_sentence([group("pid", 0.17, 0.0, 1), group("adaptive", 0.5, 0.0, 1)])
+    assert "standard error" not in alone and "over 1 seed," in alone

@@ -74,21 +74,30 @@ def fmt_stat(stat: tuple[float, float, int], total: int, digits: int = 3,
 
 
 def best_tracker_sentence(groups: Sequence[Group]) -> str:
-    """The group with the lowest mean tracking error, and its margin over the runner-up."""
+    """The group with the lowest mean tracking error, its margin over the runner-up, and
+    whether seeds separate the two (difference of means against twice its standard error)."""
     ranked = ranked_groups(groups)
     if not ranked:
         return "No group completed all its runs with a measured KL, so none is ranked."
     best = ranked[0]
     mean, std, n = best.stats["tracking_error"]
-    text = (f"**{best.label}** tracked the target best: tracking error {fmt(mean)} ± "
-            f"{fmt(std, 2)} over {n} seed(s), i.e. the KL was on average {mean:.0%} away "
-            f"from the target over the second half")
-    if len(ranked) > 1:
-        second = ranked[1]
-        other = second.stats["tracking_error"][0]
-        ratio = f"{other / mean:.1f}× that" if mean > 0 else "more"
-        text += (f", against {fmt(other)} ± {fmt(second.stats['tracking_error'][1], 2)} for "
-                 f"the runner-up **{second.label}** ({ratio})")
+    text = (f"**{best.label}** tracked the target best: tracking error "
+            f"{fmt_stat((mean, std, n), n)} over {n} seed{'s' if n > 1 else ''}, i.e. the KL "
+            f"was on average {mean:.0%} away from the target over the second half")
+    if len(ranked) == 1:
+        return text + "."
+    second = ranked[1]
+    other, other_std, other_n = second.stats["tracking_error"]
+    ratio = f"{other / mean:.1f}× as much" if mean > 0 else "more"
+    text += (f", against {fmt_stat((other, other_std, other_n), other_n)} for the runner-up "
+             f"**{second.label}** ({ratio})")
+    if n > 1 and other_n > 1:
+        standard_error = math.sqrt(std**2 / n + other_std**2 / other_n)
+        if other - mean > 2 * standard_error:
+            text += "; the gap is more than two standard errors"
+        else:
+            text += (f"; the gap is within two standard errors ({fmt(2 * standard_error, 2)}), "
+                     f"so more seeds are needed to tell the two apart")
     return text + "."
 
 

@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator, NullFormatter  # noqa: E402
 
 from klsweep.kl.schedules import SCHEDULES  # noqa: E402
+from klsweep.tracking import SMOOTHING_WINDOW, trailing_mean  # noqa: E402
 
 # Colours follow the schedule registry's order, so a schedule has the same colour in every
 # report; line styles tell apart groups of one schedule that differ in another value.
@@ -78,6 +79,9 @@ def _symlog(ax: Any, axis: str, values: Sequence[float], floor: float) -> None:
     finite = [abs(v) for v in values if math.isfinite(v) and v != 0]
     if not finite:
         return
+    if all(v > 0 for v in values if math.isfinite(v)):  # nothing at or below 0: plain log
+        (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+        return
     linthresh = max(min(floor, max(finite)), 1e-12)
     kwargs = {"linthresh": linthresh, "linscale": 0.4}
     (ax.set_yscale if axis == "y" else ax.set_xscale)("symlog", **kwargs)
@@ -106,7 +110,7 @@ def _n_seeds(groups: Sequence[Any]) -> str:
 
 def plot_trajectories(groups: Sequence[Any], path: Path, *, key: Callable[[Any], str],
                       ylabel: str, title: str, floor: Callable[[list[Any]], float],
-                      show_target: bool) -> None:
+                      show_target: bool, smooth: int = 1) -> None:
     """One panel per (algorithm, task): each group's seeds as thin lines, their mean thick."""
     panels = _panels(groups)
     styles = _styles(groups)
@@ -121,7 +125,7 @@ def plot_trajectories(groups: Sequence[Any], path: Path, *, key: Callable[[Any],
                 ax.plot(steps, ys, lw=0.6, alpha=0.35, color=style["color"])
                 values += list(ys)
             steps, mean = _mean_over_seeds(series)
-            ax.plot(steps, mean, lw=1.8, label=g.label, **style)
+            ax.plot(steps, trailing_mean(mean, smooth), lw=1.8, label=g.label, **style)
         runs = [run for g in members for run in g.runs]
         if show_target:
             for target in sorted({run.target for run in runs}):
@@ -134,7 +138,8 @@ def plot_trajectories(groups: Sequence[Any], path: Path, *, key: Callable[[Any],
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="major")
     fig.suptitle(f"{title}\n{_n_seeds(groups)} per group: thin lines = one seed each, "
-                 f"thick line = their mean", fontsize=11)
+                 f"thick line = their mean"
+                 + (f" as a {smooth}-step trailing mean" if smooth > 1 else ""), fontsize=11)
     _legend(fig, axes)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
@@ -273,6 +278,7 @@ def plot_tracking(groups: Sequence[Any], path: Path) -> None:
                 ax.xaxis.set_minor_formatter(NullFormatter())
             else:
                 ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+                ax.set_xlim(left=0)
             ax.set_ylim(-0.6, len(members) - 0.4)
             ax.set_yticks(ypos, [g.label for g in members] if ax is row[0] else [])
             ax.set_xlabel(label, fontsize=9)
@@ -292,7 +298,8 @@ def draw_all(groups: Sequence[Any], out: Path) -> dict[str, str]:
         groups, out / "kl_trajectories.png", key=lambda run: run.kl_key,
         ylabel=_kl_label([r for g in groups for r in g.runs]),
         title="KL to the reference per step, β schedules compared",
-        floor=lambda runs: min(r.target for r in runs) / 5, show_target=True)
+        floor=lambda runs: min(r.target for r in runs) / 5, show_target=True,
+        smooth=SMOOTHING_WINDOW)
     plot_trajectories(
         groups, out / "beta_trajectories.png", key=lambda run: "kl/beta",
         ylabel="β (KL coefficient)", title="β per step, β schedules compared",
