@@ -204,3 +204,16 @@ def test_best_tracker_says_when_seeds_do_not_separate_the_two_best():
     assert "the gap is more than two standard errors" in apart
     alone = best_tracker_sentence([group("pid", 0.17, 0.0, 1), group("adaptive", 0.5, 0.0, 1)])
     assert "standard error" not in alone and "over 1 seed," in alone
+
+
+def test_a_study_over_a_continuous_beta_reports_one_group_per_point(tmp_path):
+    # an Optuna study: every trial its own β, so every run its own group (more groups than
+    # the figures' legends name one by one)
+    betas = [0.01 * (i + 1) for i in range(18)]
+    for i, beta in enumerate(betas):
+        write_run(tmp_path / str(i), schedule="adaptive" if i % 2 else "fixed", seed=0,
+                  kl=[TARGET] * STEPS, beta=[beta] * STEPS, reward=[beta] * STEPS,
+                  config={"kl.beta": beta})
+    assert main([str(tmp_path)]) == 0
+    with open(tmp_path / "runs.csv") as f:
+        assert len({row["group"] for row in csv.DictReader(f)}) == 18

@@ -25,6 +25,7 @@ from klsweep.tracking import SMOOTHING_WINDOW, trailing_mean  # noqa: E402
 # tab10 without its grey, which the reference curves (frontier, Pareto front) use.
 _PALETTE = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7]
 _LINESTYLES = ("-", "--", ":", "-.")
+_MAX_LEGEND = 16
 DPI = 110
 
 
@@ -35,14 +36,18 @@ def schedule_colour(name: str) -> tuple[float, float, float]:
 
 
 def _styles(groups: Sequence[Any]) -> dict[int, dict[str, Any]]:
-    """Colour and line style of each group (by id), per panel."""
+    """Colour, line style and legend label of each group (by id), per panel. Past
+    ``_MAX_LEGEND`` groups (an Optuna study over a continuous β) the legend names only the
+    schedules; report.md and runs.csv still tell the groups apart."""
     styles: dict[int, dict[str, Any]] = {}
     seen: dict[tuple[str, str], int] = {}
+    by_schedule = len(groups) > _MAX_LEGEND
     for g in groups:
         n = seen.get((g.panel, g.schedule), 0)
         seen[(g.panel, g.schedule)] = n + 1
         styles[id(g)] = {"color": schedule_colour(g.schedule),
-                         "linestyle": _LINESTYLES[n % len(_LINESTYLES)]}
+                         "linestyle": "-" if by_schedule else _LINESTYLES[n % len(_LINESTYLES)],
+                         "label": g.schedule if by_schedule else g.label}
     return styles
 
 
@@ -125,7 +130,8 @@ def plot_trajectories(groups: Sequence[Any], path: Path, *, key: Callable[[Any],
                 ax.plot(steps, ys, lw=0.6, alpha=0.35, color=style["color"])
                 values += list(ys)
             steps, mean = _mean_over_seeds(series)
-            ax.plot(steps, trailing_mean(mean, smooth), lw=1.8, label=g.label, **style)
+            ax.plot(steps, trailing_mean(mean, smooth), lw=1.8, label=style["label"],
+                    **{k: v for k, v in style.items() if k != "label"})
         runs = [run for g in members for run in g.runs]
         if show_target:
             for target in sorted({run.target for run in runs}):
@@ -200,7 +206,8 @@ def plot_reward_vs_kl(groups: Sequence[Any], path: Path) -> None:
                         xerr=np.nanstd(gx, ddof=1) if len(gx) > 1 else None,
                         yerr=np.nanstd(gy, ddof=1) if len(gy) > 1 else None,
                         marker="D", ms=6, mec="black", mew=0.6, capsize=2, lw=1.2,
-                        label=g.label, **style)
+                        label=style["label"],
+                        **{k: v for k, v in style.items() if k != "label"})
             done = [i for i, run in enumerate(g.runs) if run.record["status"] == "completed"]
             xs += [gx[i] for i in done]
             ys += [gy[i] for i in done]
