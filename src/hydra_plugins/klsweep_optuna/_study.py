@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import inspect
 import threading
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import optuna
+import sqlalchemy
 from optuna.distributions import BaseDistribution
 from optuna.samplers import (
     BaseSampler,
@@ -20,6 +22,7 @@ from optuna.samplers import (
     RandomSampler,
     TPESampler,
 )
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from hydra_plugins.klsweep_optuna._errors import SweepConfigError
@@ -45,6 +48,7 @@ _SINGLE_OBJECTIVE_SAMPLERS = {"cmaes"}
 # trials that count toward n_trials, and those that may still become one
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 CLAIMED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+_CREATE_RETRIES = 2
 
 
 def check_options(kind: str, spec: Mapping[str, Any], registry: Mapping[str, type],
@@ -111,14 +115,24 @@ def make_storage(url: str, *, heartbeat_interval: int, grace_period: int,
                  max_retry: int) -> optuna.storages.RDBStorage:
     """An RDB storage whose RUNNING trials go stale after ``grace_period`` seconds without a
     heartbeat; a stale trial is failed and queued again with the same params."""
-    with warnings.catch_warnings():
-        # heartbeats are marked experimental in Optuna; they are how stale trials are found
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=max_retry),
-            engine_kwargs=_engine_kwargs(url))
+    def connect() -> optuna.storages.RDBStorage:
+        with warnings.catch_warnings():
+            # heartbeats are marked experimental in Optuna; they find the stale trials
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                    max_retry=max_retry),
+                engine_kwargs=_engine_kwargs(url))
+
+    for attempt in range(_CREATE_RETRIES):
+        try:
+            return connect()
+        except (sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.IntegrityError):
+            # workers that start at once on a fresh database race to create Optuna's tables
+            # ("relation already exists"); the loser finds them made on its next try
+            time.sleep(1.0 + attempt)
+    return connect()
 
 
 def _engine_kwargs(url: str) -> dict[str, Any]:
