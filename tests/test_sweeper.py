@@ -171,6 +171,10 @@ def test_the_pruner_stops_clearly_bad_trials_and_records_them_as_pruned(tmp_path
     pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
     assert any(t.params["optim.lr"] == 1e-7 for t in pruned), seen
     assert study.best_trial.params["optim.lr"] == 1e-2, seen
+    best = yaml.safe_load((tmp_path / "best.yaml").read_text())
+    assert best["objectives"] == {"reward/final": "maximize"}
+    assert best["best"]["number"] == study.best_trial.number
+    assert "optim.lr=0.01" in best["best"]["command"].split()
     for trial in pruned:
         assert trial.user_attrs["reason"].startswith("pruned after step")
         assert trial.intermediate_values  # reported through the storage by the run

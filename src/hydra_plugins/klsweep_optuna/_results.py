@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -60,21 +61,16 @@ def write_best(sweep_dir: Path, study: optuna.Study, objectives: Mapping[str, st
             "values": dict(zip(objectives, trial.values, strict=True)),
             "params": dict(trial.params),
             "run_dir": trial.user_attrs.get("run_dir"),
-            "command": "python -m klsweep " + " ".join(_shell_quote(o) for o in overrides),
+            "command": shlex.join(["python", "-m", "klsweep", *overrides]),
         })
     several = len(objectives) > 1
     path = sweep_dir / ("pareto.yaml" if several else "best.yaml")
     payload = {"study": study.study_name, "storage": storage_url,
                "objectives": dict(objectives),
-               "pareto" if several else "best": entries if several else (entries or [None])[0]}
+               "pareto" if several else "best": entries if several else next(iter(entries), None)}
     path.write_text(yaml.safe_dump(payload, sort_keys=False, allow_unicode=True,
                                    width=10_000))  # one line per command
     return path
-
-
-def _shell_quote(override: str) -> str:
-    return override if all(c.isalnum() or c in "._-=/:+,@" for c in override) \
-        else "'" + override.replace("'", "'\\''") + "'"
 
 
 def format_table(trials: Sequence[FrozenTrial], objectives: Sequence[str]) -> str:
