@@ -106,7 +106,7 @@ def _check_key(key: str, config: DictConfig, config_loader: Any) -> None:
         return
     where = ""
     if isinstance(node, DictConfig):
-        siblings = ", ".join(str(k) for k in node if not (not parent and k == "hydra"))
+        siblings = ", ".join(str(k) for k in node if parent or k != "hydra")
         where = f" (allowed under {parent or 'the root'}: {siblings})"
     raise SweepConfigError(f"searched key {key} is not a known key{where}")
 
