@@ -54,18 +54,26 @@ class Task:
                              block_size=self.prompt_len + self.max_new_tokens, **model_config)
 
 
+# Part of every cache key: bump it when the way a cached model is made changes.
+RECIPE_VERSION = 2
+
+
 def cached_model(cache_dir: str | os.PathLike, key: dict[str, Any], config: TinyGPTConfig,
                  train: Callable[[TinyGPT], None]) -> TinyGPT:
     """Load the model that ``train`` produces for ``key`` from ``cache_dir``, or train it and
     cache it. The file name is a hash of the key, so a change of any setting retrains; the
     write is atomic, so parallel trials never read half a file."""
+    key = {**key, "recipe": RECIPE_VERSION}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
     path = Path(cache_dir).expanduser() / f"{key.get('task', 'model')}-{digest[:16]}.pt"
     model = TinyGPT(config)
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval()
-    train(model)
+    # Training must neither depend on nor move the run's random state: the same run then
+    # gives the same result whether its reference came from the cache or was trained now.
+    with torch.random.fork_rng(devices=[]):
+        train(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     torch.save(model.state_dict(), tmp)
@@ -73,12 +81,14 @@ def cached_model(cache_dir: str | os.PathLike, key: dict[str, Any], config: Tiny
     return model.eval()
 
 
-def train_language_model(model: TinyGPT, sample_batch: Callable[[torch.Generator], tuple[Tensor, Tensor]],
-                         *, steps: int, lr: float, seed: int) -> None:
+def train_language_model(model: TinyGPT,
+                         sample_batch: Callable[[torch.Generator], tuple[Tensor, Tensor]], *,
+                         steps: int, lr: float, seed: int) -> None:
     """Maximum-likelihood training on sequences from ``sample_batch`` -> (tokens [B, T],
     loss mask [B, T-1] over next-token targets). AdamW with a cosine decay."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    model.apply(model._init_weights)  # the initial weights come from ``seed`` too
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     lr_at = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
