@@ -79,11 +79,13 @@ def test_prompts_are_distinct_and_sampled_from_the_fixed_set():
     assert {tuple(p) for p in drawn.tolist()} <= {tuple(p) for p in task.prompts.tolist()}
 
 
-def test_reward_is_the_mean_token_value_scaled_to_one():
-    task = ExactTask(ExactConfig(vocab_size=6, completion_len=4))
+def test_reward_is_the_mean_token_value_scaled_to_reward_scale():
     completions = torch.tensor([[5, 5, 5, 5], [0, 0, 0, 0], [1, 2, 3, 4]])
-    torch.testing.assert_close(task.reward(completions, torch.ones(3, 4, dtype=torch.bool)),
-                               torch.tensor([1.0, 0.0, 0.5]))
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    for scale in (1.0, 10.0):
+        task = ExactTask(ExactConfig(vocab_size=6, completion_len=4, reward_scale=scale))
+        torch.testing.assert_close(task.reward(completions, mask),
+                                   scale * torch.tensor([1.0, 0.0, 0.5]))
 
 
 def test_evaluation_runs_every_eval_every_steps_and_at_the_last():

@@ -129,6 +129,7 @@ class ExactSchema:
     prompt_len: int = spec(kind="integer", ge=1)
     n_prompts: int = spec(kind="integer", ge=1)
     p_step: float = spec(kind="number", ge=0, le=1)
+    reward_scale: float = spec(kind="number", gt=0)
     eval_every: int = spec(kind="integer", ge=1)
     prompt_seed: int = spec(kind="integer", ge=0)
     reference_steps: int = spec(kind="integer", ge=1)

@@ -7,10 +7,12 @@ one (the prompt's last token for the first) by +1 (mod V) with probability ``p_s
 is uniform. The reference is the tiny model trained on this language for a few seconds and
 cached, so π_ref is smooth and far from uniform.
 
-Reward: the mean token value divided by V − 1, in [0, 1], the same for every prompt. The
-reference scores about 0.5; the all-(V−1) completion scores 1, and the chain wraps V − 1 to 0,
-so the reward pulls against the reference at every position and the best trade-off depends on
-how each token changes the next ones.
+Reward: the mean token value divided by V − 1, in [0, 1], times ``reward_scale``, the same
+for every prompt. The reference scores about half the scale; the all-(V−1) completion scores
+the full scale, and the chain wraps V − 1 to 0, so the reward pulls against the reference at
+every position and the best trade-off depends on how each token changes the next ones.
+Scaling the reward and β alike leaves π* unchanged; a larger scale makes Bradley–Terry
+preference labels (DPO) more informative.
 
 Support: there is no EOS. ``eos_id`` is V, outside the vocabulary, so the sampler never emits
 it and every sampled completion has exactly ``completion_len`` tokens: the sampler's support
@@ -42,6 +44,8 @@ from klsweep.tasks.base import Task, cached_model, train_language_model
 
 # rows per forward when enumerating: bounds activation memory for large vocabularies
 _ROWS_PER_FORWARD = 16384
+# settings that do not shape the reference model, left out of its cache key
+_NOT_REFERENCE = ("cache_dir", "eval_every", "reward_scale")
 
 
 @dataclass
@@ -51,6 +55,7 @@ class ExactConfig:
     prompt_len: int = 2
     n_prompts: int = 4
     p_step: float = 0.5
+    reward_scale: float = 1.0
     eval_every: int = 10
     prompt_seed: int = 0
     reference_steps: int = 200
@@ -119,12 +124,13 @@ class ExactTask(Task):
 
     def reward(self, completions: Tensor, mask: Tensor) -> Tensor:
         values = torch.where(mask, completions, 0).sum(1).float()
-        return values / ((self.vocab_size - 1) * mask.sum(1).clamp(min=1).float())
+        scale = self.config.reward_scale / (self.vocab_size - 1)
+        return scale * values / mask.sum(1).clamp(min=1).float()
 
     def reference_model(self, model_config: dict[str, Any]) -> TinyGPT:
         c = self.config
         config = self.model_config(model_config)
-        language = asdict(c) | {"cache_dir": None, "eval_every": None}
+        language = {k: v for k, v in asdict(c).items() if k not in _NOT_REFERENCE}
         key = {"task": self.name, "language": language, "model": asdict(config)}
 
         def train(model: TinyGPT) -> None:
