@@ -178,9 +178,11 @@ def _run(tmp_path, *overrides: str) -> tuple[dict, list[dict]]:
 
 @pytest.mark.slow
 def test_offline_dpo_command_measures_kl_every_eval_every_steps(tmp_path):
+    # a data set smaller than a batch: the batches wrap around it, one fresh order per epoch
     summary, rows = _run(tmp_path, "algo=dpo", "steps=3", "algo.eval_every=2",
-                         "algo.dataset_pairs=96")
+                         "algo.dataset_pairs=24", "algo.pairs_per_step=40")
     assert summary["status"] == "completed" and summary["algo"] == "dpo"
+    assert [row["dpo/pairs"] for row in rows] == [40.0, 40.0, 40.0]
     assert [row["dpo/fresh_eval"] for row in rows] == [1.0, 0.0, 1.0]
     assert [row["perf/samples"] > 0 for row in rows] == [True, False, True]
     assert rows[1]["kl/mean"] == rows[0]["kl/mean"]  # carried, and marked so

@@ -174,7 +174,7 @@ class DPO:
         if self.dataset is None:
             self.dataset = self._reference_dataset(m)
         n = self.config.pairs_per_step
-        if self.order.numel() < n:
+        while self.order.numel() < n:
             self.order = torch.cat([self.order, torch.randperm(len(self.dataset))])
         index, self.order = self.order[:n], self.order[n:]
         return self.dataset.pairs(index.to(m.device))
