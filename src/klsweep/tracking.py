@@ -20,6 +20,8 @@ TOLERANCE = 0.2
 # leave the ±20% band; "stays within" is judged on a trailing mean over this many steps.
 SMOOTHING_WINDOW = 10
 
+_ROUNDING = 1e-12
+
 TRACKING_KEYS = ("tracking/steps_to_target", "tracking/overshoot", "tracking/error",
                  "tracking/beta_volatility")
 
@@ -70,7 +72,9 @@ def beta_volatility(beta: Sequence[float]) -> float:
     if len(b) < 3:
         return 0.0
     scale = float(np.mean(np.abs(b)))
-    return float(np.std(np.diff(b))) / scale if scale > 0 else 0.0
+    volatility = float(np.std(np.diff(b))) / scale if scale > 0 else 0.0
+    # a straight line's steps differ only by float rounding (~1e-16 relative): that is 0
+    return volatility if volatility > _ROUNDING else 0.0
 
 
 def run_tracking(rows: Iterable[Mapping[str, float]], target: float, kl_key: str = "kl/mean",
