@@ -44,11 +44,11 @@ def test_the_reference_is_cached_and_a_miss_leaves_the_random_state_as_a_hit_doe
     loaded = task.reference_model(MODEL)
     after_hit = torch.rand(3)
     assert torch.equal(after_miss, after_hit)
-    for a, b in zip(trained.state_dict().values(), loaded.state_dict().values()):
+    for a, b in zip(trained.state_dict().values(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     # the weights depend on the task's reference seed, not on the run's seed
     torch.manual_seed(1)
     other = DigitsTask(DigitsConfig(cache_dir=str(tmp_path / "other"), reference_steps=5,
                                     reference_batch_size=8)).reference_model(MODEL)
-    for a, b in zip(trained.state_dict().values(), other.state_dict().values()):
+    for a, b in zip(trained.state_dict().values(), other.state_dict().values(), strict=True):
         assert torch.equal(a, b)

@@ -42,7 +42,7 @@ def test_generate_masks_after_eos_and_logs_the_sampling_logprobs():
                        temperature=0.7)
     assert rollout.tokens.shape[0] == 20
     completions, mask = rollout.completions, rollout.mask
-    for row, keep in zip(completions.tolist(), mask.tolist()):
+    for row, keep in zip(completions.tolist(), mask.tolist(), strict=True):
         n = sum(keep)
         assert keep == [True] * n + [False] * (len(keep) - n)  # a prefix is kept
         if 10 in row[:n]:

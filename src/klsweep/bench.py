@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{result['tokens_per_s']:,.0f} generated tokens/s, "
           f"{result['samples_per_s']:,.0f} samples/s, "
           f"step {result['step_ms_median']:.1f} ms (median of {result['steps']}), "
-          f"{result['tokens_per_step']:.0f} tokens/step, peak memory {result['peak_memory_mb']:.0f} MB")
+          f"{result['tokens_per_step']:.0f} tokens/step, "
+          f"peak memory {result['peak_memory_mb']:.0f} MB")
 
 
 if __name__ == "__main__":

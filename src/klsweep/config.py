@@ -219,12 +219,9 @@ def check_value(key: str, value: Any, meta: dict[str, Any]) -> None:
         wanted = f"{noun}{' ' + ' and '.join(bounds) if bounds else ''}"
         if not ok or (isinstance(value, float) and math.isnan(value)):
             raise ConfigError(f"{key} must be {wanted} {got}")
-        for name, test in (("ge", value >= meta.get("ge", -math.inf)),
-                           ("gt", value > meta.get("gt", -math.inf)),
-                           ("le", value <= meta.get("le", math.inf)),
-                           ("lt", value < meta.get("lt", math.inf))):
-            if not test:
-                raise ConfigError(f"{key} must be {wanted} {got}")
+        if not (value >= meta.get("ge", -math.inf) and value > meta.get("gt", -math.inf)
+                and value <= meta.get("le", math.inf) and value < meta.get("lt", math.inf)):
+            raise ConfigError(f"{key} must be {wanted} {got}")
     elif kind == "choice":
         if value not in meta["choices"]:
             allowed = ", ".join(str(c) for c in meta["choices"])

@@ -164,11 +164,12 @@ class KLPolicyModule(L.LightningModule):
             raise KLDiverged(f"KL {kl_for_schedule:.4g} ({self.cfg.kl.unit}) exceeded "
                              f"kl.max={self.cfg.kl.max} at step {self.step_count}")
         if self.task.should_evaluate(self.step_count, self.cfg.steps):
-            metrics.update(self.task.evaluate(self, beta_seq=self.algo.beta_seq(self, beta, metrics)))
+            beta_seq = self.algo.beta_seq(self, beta, metrics)
+            metrics.update(self.task.evaluate(self, beta_seq=beta_seq))
         self.schedule.update(kl_for_schedule, int(metrics["perf/samples"]))
         step_s = time.perf_counter() - start
-        metrics.update({"kl/beta": beta, "kl/target": self.cfg.kl.target,
-                        "perf/step_s": step_s, "perf/tokens_per_s": metrics["perf/tokens"] / step_s})
+        metrics.update({"kl/beta": beta, "kl/target": self.cfg.kl.target, "perf/step_s": step_s,
+                        "perf/tokens_per_s": metrics["perf/tokens"] / step_s})
         self.record(metrics)
 
     def record(self, metrics: dict[str, float]) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
 from torch import Tensor
 
 from klsweep.algos.common import aggregate, clipped_surrogate, sequence_kl_coefficient
