@@ -74,6 +74,7 @@ def measure(algo: str, steps: int, warmup: int, threads: int, overrides: list[st
             "tokens_per_step": tokens / len(rows), "tokens_per_s": tokens / sum(step_s),
             "step_ms_median": 1000 * statistics.median(step_s),
             "samples_per_s": sum(row["perf/samples"] for row in rows) / sum(step_s),
+            "pairs_per_s": sum(row.get("dpo/pairs", 0.0) for row in rows) / sum(step_s),
             "peak_memory_mb": peak_mb, "device": "cuda" if torch.cuda.is_available() else "cpu"}
 
 
@@ -93,8 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps(result))
         return
-    print(f"{result['algo']} on {result['device']} ({result['threads']} threads): "
-          f"{result['tokens_per_s']:,.0f} generated tokens/s, "
+    rate = (f"{result['pairs_per_s']:,.0f} pairs/s" if result["pairs_per_s"]
+            else f"{result['tokens_per_s']:,.0f} generated tokens/s")
+    print(f"{result['algo']} on {result['device']} ({result['threads']} threads): {rate}, "
           f"{result['samples_per_s']:,.0f} samples/s, "
           f"step {result['step_ms_median']:.1f} ms (median of {result['steps']}), "
           f"{result['tokens_per_step']:.0f} tokens/step, "

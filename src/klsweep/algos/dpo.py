@@ -98,8 +98,11 @@ def order_pairs(rollout: Rollout, a_preferred: Tensor) -> Tensor:
 
 
 def _rows(rollout: Rollout, index: Tensor) -> Rollout:
+    """The rows ``index`` of ``rollout``, which keeps each pair's two rows together: a pair
+    shares its prompt, so the model passes compute each prompt once per pair."""
     return Rollout(tokens=rollout.tokens[index], mask=rollout.mask[index],
-                   old_logp=rollout.old_logp[index], prompt_len=rollout.prompt_len)
+                   old_logp=rollout.old_logp[index], prompt_len=rollout.prompt_len,
+                   group_size=2)
 
 
 @dataclass
@@ -165,7 +168,7 @@ class DPO:
         rollout = Rollout(tokens=torch.cat([p.rollout.tokens for p in chunks]),
                           mask=torch.cat([p.rollout.mask for p in chunks]),
                           old_logp=torch.cat([p.rollout.old_logp for p in chunks]),
-                          prompt_len=chunks[0].rollout.prompt_len)
+                          prompt_len=chunks[0].rollout.prompt_len, group_size=2)
         return PreferencePairs(rollout, torch.cat([p.rewards for p in chunks]),
                                torch.cat([p.ref_logp for p in chunks]))
 
