@@ -169,8 +169,7 @@ class ExactTask(Task):
 
     def evaluate(self, module: Any, beta_seq: float) -> dict[str, float]:
         temperature = module.cfg.rollout.temperature
-        # the reference is recomputed each time: it is one cheap forward, and stays right
-        # if the reference is ever synced to the policy
+        # the reference's table is recomputed, not cached: one forward, and never stale
         ref_logp = self.sequence_logprobs(module.reference, temperature)
         policy_logp = self.sequence_logprobs(module.policy, temperature)
         rewards = np.broadcast_to(self.rewards.numpy(), policy_logp.shape)
