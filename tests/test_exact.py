@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from klsweep.algos.common import sequence_kl_coefficient
+from klsweep.algos.grpo import advantage_scale, group_advantages, grpo_loss
 from klsweep.config import ConfigError, compose_and_validate
+from klsweep.kl import kl_penalty_per_token
 from klsweep.models.tiny import TinyGPT
 from klsweep.rollout import completion_logits, generate, token_logprobs
 from klsweep.tasks.exact import ExactConfig, ExactTask
@@ -101,6 +104,30 @@ def test_evaluation_runs_every_eval_every_steps_and_at_the_last():
 def test_sizes_that_cannot_be_enumerated_fail_before_training(overrides, message):
     with pytest.raises(ConfigError, match=message):
         compose_and_validate({"task": "exact", **overrides})
+
+
+@pytest.mark.parametrize("scale", ["none", "batch"])
+def test_a_loss_placed_beta_weighs_kl_against_reward_as_beta_times_advantage_scale(scale):
+    """The β_seq the exact task uses for KL in the loss: per token, GRPO's gradient is
+    (−A + β·∇k)/(B·L) with A = (r − mean)/s, i.e. in reward units −(r − mean) + β·s·l for k2:
+    the length cancels and the advantage scale stays."""
+    generator = torch.Generator().manual_seed(0)
+    n, length, beta = 8, 5, 0.3
+    rewards = torch.rand(n, generator=generator, dtype=torch.float64)
+    logp = (-torch.rand(n, length, generator=generator, dtype=torch.float64)).requires_grad_()
+    ref_logp = -torch.rand(n, length, generator=generator, dtype=torch.float64)
+    mask = torch.ones(n, length, dtype=torch.bool)
+    advantages = group_advantages(rewards, 4, scale)
+    s = advantage_scale(rewards, 4, scale)
+    kl = kl_penalty_per_token(logp, ref_logp, "k2")
+    loss, _ = grpo_loss(logp, logp.detach(), advantages, mask, clip_eps=0.2, loss_agg="token",
+                        kl=kl, beta=beta)
+    (grad,) = torch.autograd.grad(loss, logp)
+    centred = (rewards.view(-1, 4) - rewards.view(-1, 4).mean(1, keepdim=True)).reshape(-1)
+    in_reward_units = grad * n * length * s + centred[:, None]
+    beta_seq = sequence_kl_coefficient("loss", beta, s)
+    torch.testing.assert_close(in_reward_units, beta_seq * (logp - ref_logp).detach(),
+                               rtol=1e-9, atol=1e-12)
 
 
 def recompute_from_exact_json(path) -> dict[str, float]:
