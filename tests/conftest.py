@@ -1,5 +1,6 @@
 """Shared fixtures: every command runs in a temporary run dir with W&B offline."""
 
+import json
 import os
 import subprocess
 import sys
@@ -24,3 +25,13 @@ def run_klsweep(*args: str, cwd: Path = REPO, timeout: float = 300) -> subproces
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     return subprocess.run([sys.executable, "-m", "klsweep", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_and_read(run_dir: Path, *overrides: str) -> tuple[dict, list[dict]]:
+    """Run the real command into ``run_dir`` without an experiment logger; return its
+    summary.json and metrics.jsonl rows."""
+    result = run_klsweep(*overrides, "logger=none", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return summary, rows

@@ -4,10 +4,7 @@ the pair labels, and the real command end to end."""
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,6 +17,7 @@ from klsweep.algos.dpo import (
 )
 from klsweep.config import ConfigError, compose_and_validate
 from klsweep.rollout import Rollout
+from tests.conftest import run_and_read
 
 
 def _softplus(x: float) -> float:
@@ -168,18 +166,10 @@ def test_dpo_rejects_a_kl_placement_before_training():
         compose_and_validate({"algo": "dpo", "kl.beta": "0"})
 
 
-def _run(tmp_path, *overrides: str) -> tuple[dict, list[dict]]:
-    subprocess.run([sys.executable, "-m", "klsweep", *overrides, "logger=none",
-                    f"hydra.run.dir={tmp_path}"], check=True, capture_output=True, text=True)
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    return summary, rows
-
-
 @pytest.mark.slow
 def test_offline_dpo_command_measures_kl_every_eval_every_steps(tmp_path):
     # a data set smaller than a batch: the batches wrap around it, one fresh order per epoch
-    summary, rows = _run(tmp_path, "algo=dpo", "steps=3", "algo.eval_every=2",
+    summary, rows = run_and_read(tmp_path, "algo=dpo", "steps=3", "algo.eval_every=2",
                          "algo.dataset_pairs=24", "algo.pairs_per_step=40")
     assert summary["status"] == "completed" and summary["algo"] == "dpo"
     assert [row["dpo/pairs"] for row in rows] == [40.0, 40.0, 40.0]
@@ -195,7 +185,7 @@ def test_offline_dpo_command_measures_kl_every_eval_every_steps(tmp_path):
 
 @pytest.mark.slow
 def test_online_dpo_command_measures_kl_on_its_own_pairs_every_step(tmp_path):
-    summary, rows = _run(tmp_path, "algo=dpo", "steps=2", "algo.online=true",
+    summary, rows = run_and_read(tmp_path, "algo=dpo", "steps=2", "algo.online=true",
                          "algo.loss=ipo", "algo.pairs_per_step=8")
     assert summary["status"] == "completed"
     assert [row["perf/samples"] for row in rows] == [16.0, 16.0]

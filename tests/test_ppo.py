@@ -3,10 +3,7 @@ values, and the real command end to end."""
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,6 +18,7 @@ from klsweep.algos.ppo import (
     whiten,
 )
 from klsweep.config import ConfigError, compose_and_validate
+from tests.conftest import run_and_read
 
 
 def test_token_rewards_put_the_score_on_the_last_token_and_minus_beta_kl_on_every_token():
@@ -125,17 +123,9 @@ def test_minibatches_beyond_the_rollouts_per_step_fail_before_training():
         compose_and_validate({"algo": "ppo", "algo.minibatches": "1000"})
 
 
-def _run(tmp_path, *overrides: str) -> tuple[dict, list[dict]]:
-    subprocess.run([sys.executable, "-m", "klsweep", *overrides, "logger=none",
-                    f"hydra.run.dir={tmp_path}"], check=True, capture_output=True, text=True)
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    return summary, rows
-
-
 @pytest.mark.slow
 def test_ppo_command_runs_and_logs_value_and_kl_metrics(tmp_path):
-    summary, rows = _run(tmp_path / "reward", "algo=ppo", "steps=3")
+    summary, rows = run_and_read(tmp_path / "reward", "algo=ppo", "steps=3")
     assert summary["status"] == "completed" and summary["placement"] == "reward"
     assert len(rows) == 3
     for key in ("value/loss", "value/explained_variance", "policy/approx_kl",
@@ -147,7 +137,7 @@ def test_ppo_command_runs_and_logs_value_and_kl_metrics(tmp_path):
 
 @pytest.mark.slow
 def test_ppo_without_a_penalty_still_measures_kl(tmp_path):
-    summary, rows = _run(tmp_path / "none", "algo=ppo", "steps=2", "kl.placement=none",
+    summary, rows = run_and_read(tmp_path / "none", "algo=ppo", "steps=2", "kl.placement=none",
                          "algo.minibatches=2")
     assert summary["status"] == "completed" and summary["placement"] == "none"
     assert rows[-1]["kl/k3"] > 0 and rows[-1]["loss/kl"] == 0.0
