@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from optuna import TrialPruned
 
@@ -126,9 +127,8 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
         "group": cfg.logger.get("group") or group,
         "run_dir": str(run_dir), "versions": versions(),
     }
-    summary["perf/tokens_per_s_final"] = summary.pop("perf/tokens_per_s_final", 0.0)
     for logger in loggers:
-        if hasattr(logger, "experiment") and logger.name != "jsonl" and cfg.logger.name == "wandb":
+        if isinstance(logger, WandbLogger):
             logger.experiment.summary.update(
                 {k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
             summary["wandb_dir"] = logger.experiment.dir
