@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
 from klsweep.algos.common import aggregate, clipped_surrogate, sequence_kl_coefficient
@@ -16,6 +17,18 @@ from klsweep.kl import masked_sum
 
 if TYPE_CHECKING:
     from klsweep.module import KLPolicyModule
+
+
+def _advantage_divisor(rewards: Tensor, group_size: int, scale: str, eps: float) -> Tensor:
+    """What each group's centred rewards are divided by, [n_groups, 1]."""
+    grouped = rewards.view(-1, group_size)
+    if scale == "group":
+        return grouped.std(dim=1, keepdim=True) + eps
+    if scale == "batch":
+        return (rewards.std() + eps).expand(grouped.shape[0], 1)
+    if scale == "none":
+        return torch.ones(grouped.shape[0], 1, dtype=rewards.dtype, device=rewards.device)
+    raise ValueError(f"unknown advantage scaling {scale!r} (allowed: group, batch, none)")
 
 
 def group_advantages(rewards: Tensor, group_size: int, scale: str = "group",
@@ -26,24 +39,14 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group",
     Dr. GRPO). ``eps`` keeps groups of equal rewards at zero advantage (TRL uses 1e-4)."""
     grouped = rewards.view(-1, group_size)
     centred = grouped - grouped.mean(dim=1, keepdim=True)
-    if scale == "group":
-        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
-    elif scale == "batch":
-        centred = centred / (rewards.std() + eps)
-    elif scale != "none":
-        raise ValueError(f"unknown advantage scaling {scale!r} (allowed: group, batch, none)")
-    return centred.reshape(-1)
+    return (centred / _advantage_divisor(rewards, group_size, scale, eps)).reshape(-1)
 
 
 def advantage_scale(rewards: Tensor, group_size: int, scale: str = "group",
                     eps: float = 1e-4) -> float:
     """The mean divisor that ``group_advantages`` applies (1 for ``none``): a KL coefficient β
     in the loss weighs the KL against the reward as β times this."""
-    if scale == "group":
-        return float((rewards.view(-1, group_size).std(dim=1) + eps).mean())
-    if scale == "batch":
-        return float(rewards.std() + eps)
-    return 1.0
+    return float(_advantage_divisor(rewards, group_size, scale, eps).mean())
 
 
 def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
