@@ -120,6 +120,12 @@ class DigitsSchema:
     reference_seed: int = spec(kind="integer", ge=0)
     cache_dir: str = spec(kind="string")
 
+    @staticmethod
+    def check_run(cfg: DictConfig) -> None:
+        if cfg.task.min_len > cfg.task.max_len:
+            raise ConfigError(f"task.min_len must be <= task.max_len "
+                              f"(got {cfg.task.min_len} > {cfg.task.max_len})")
+
 
 @dataclass
 class ExactSchema:
@@ -137,6 +143,18 @@ class ExactSchema:
     reference_lr: float = spec(kind="number", gt=0)
     reference_seed: int = spec(kind="integer", ge=0)
     cache_dir: str = spec(kind="string")
+
+    @staticmethod
+    def check_run(cfg: DictConfig) -> None:
+        task = cfg.task
+        prompts = task.vocab_size ** task.prompt_len
+        if task.n_prompts > prompts:
+            raise ConfigError(f"task.n_prompts must be <= task.vocab_size**task.prompt_len = "
+                              f"{prompts} distinct prompts (got {task.n_prompts})")
+        sequences = task.n_prompts * task.vocab_size ** task.completion_len
+        if sequences > EXACT_MAX_SEQUENCES:
+            raise ConfigError(f"task.n_prompts × task.vocab_size**task.completion_len must be "
+                              f"<= {EXACT_MAX_SEQUENCES} to enumerate (got {sequences})")
 
 
 # the exact task enumerates n_prompts × vocab_size**completion_len sequences at each evaluation
@@ -317,9 +335,6 @@ def validate(cfg: DictConfig) -> None:
     _check_choice_node("algo", cfg.algo, ALGO_SCHEMAS)
     check_node("kl", cfg.kl, KLSchema)
     _check_schedule(cfg.kl)
-    algo_check = getattr(ALGO_SCHEMAS[cfg.algo.name], "check_run", None)
-    if algo_check is not None:  # checks that span the algo node and the rest of the config
-        algo_check(cfg)
     _check_choice_node("task", cfg.task, TASK_SCHEMAS)
     _check_choice_node("model", cfg.model, MODEL_SCHEMAS)
     if cfg.model.n_embd % cfg.model.n_head:
@@ -331,22 +346,10 @@ def validate(cfg: DictConfig) -> None:
     check_node("checkpoint", cfg.checkpoint, CheckpointSchema)
     check_node("trial", cfg.trial, TrialSchema)
     check_node("logger", cfg.logger, LoggerSchema)
-    if cfg.task.name == "exact":
-        _check_exact_sizes(cfg.task)
-    if cfg.task.name == "digits" and cfg.task.min_len > cfg.task.max_len:
-        raise ConfigError(f"task.min_len must be <= task.max_len "
-                          f"(got {cfg.task.min_len} > {cfg.task.max_len})")
-
-
-def _check_exact_sizes(task: DictConfig) -> None:
-    prompts = task.vocab_size ** task.prompt_len
-    if task.n_prompts > prompts:
-        raise ConfigError(f"task.n_prompts must be <= task.vocab_size**task.prompt_len = "
-                          f"{prompts} distinct prompts (got {task.n_prompts})")
-    sequences = task.n_prompts * task.vocab_size ** task.completion_len
-    if sequences > EXACT_MAX_SEQUENCES:
-        raise ConfigError(f"task.n_prompts × task.vocab_size**task.completion_len must be <= "
-                          f"{EXACT_MAX_SEQUENCES} to enumerate (got {sequences})")
+    for schema in (ALGO_SCHEMAS[cfg.algo.name], TASK_SCHEMAS[cfg.task.name]):
+        check_run = getattr(schema, "check_run", None)
+        if check_run is not None:  # checks that span several keys of the config
+            check_run(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
