@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import yaml
 
-from klsweep.report import best_tracker_sentence, main
-from klsweep.report_figures import exact_frontier, pareto_front
-from klsweep.report_runs import Group
+from klsweep.report import main
+from klsweep.report.figures import exact_frontier, pareto_front
+from klsweep.report.markdown import best_tracker_sentence
+from klsweep.report.runs import Group
 
 TARGET = 0.05
 STEPS = 50

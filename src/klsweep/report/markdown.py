@@ -1,39 +1,14 @@
-"""``python -m klsweep.report PATH... [--out DIR] [--wandb]``: compare runs side by side.
-
-Reads every run dir under the PATHs (a sweep dir, run dirs or globs): its ``metrics.jsonl``,
-``summary.json``, ``.hydra/config.yaml`` and, for the exact task, ``exact.json``. Writes into
-the first PATH (or ``--out``) ``report.md``, ``runs.csv`` and the figures of
-``klsweep.report_figures``. Runs that differ only by seed form one group (``report_runs``),
-shown as mean ± std over its seeds; groups are compared within one panel per (task,
-algorithm). ``--wandb`` logs the tables and figures to a W&B run of job_type=report.
-"""
+"""runs.csv and report.md: one row per run, and per panel of (task, algorithm) a table of
+its groups as mean ± std over seeds, the best tracker named, and the figures linked."""
 
 from __future__ import annotations
 
-import argparse
 import csv
-import glob
-import logging
 import math
-import os
-import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from klsweep.report_runs import (
-    GROUP_METRICS,
-    Group,
-    Run,
-    failures,
-    find_run_dirs,
-    group_runs,
-    load_run,
-    ranked_groups,
-)
-
-log = logging.getLogger("klsweep")
+from klsweep.report.runs import GROUP_METRICS, Group, Run, failures, ranked_groups
 
 CSV_COLUMNS = ("run", "group", "task", "algo", "estimator", "schedule", "placement", "seed",
                "status", "steps_done", "target", "unit", *GROUP_METRICS[:4], "reward_final",
@@ -41,7 +16,6 @@ CSV_COLUMNS = ("run", "group", "task", "algo", "estimator", "schedule", "placeme
                "exact_frontier_gap", "wall_time_s", "path")
 
 
-# --- runs.csv and report.md -----------------------------------------------------------------
 def write_csv(path: Path, groups: Sequence[Group]) -> None:
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
@@ -179,95 +153,3 @@ def write_markdown(path: Path, runs: Sequence[Run], groups: Sequence[Group],
               "* KL is the configured estimator (`kl/mean`, nats/token; `kl/seq` for "
               "`kl.unit=sequence`).", ""]
     path.write_text("\n".join(lines))
-
-
-# --- W&B -------------------------------------------------------------------------------------
-def log_to_wandb(out: Path, runs: Sequence[Run], groups: Sequence[Group],
-                 figures: dict[str, str]) -> str:
-    """Log the comparison table and the figures to one W&B run of job_type=report in the
-    sweep's group; return the run's local dir."""
-    import wandb
-
-    from klsweep.records import wandb_mode
-
-    os.environ.setdefault("WANDB_SILENT", "true")
-    project = next((run.get("logger.project") for run in runs if run.get("logger.project")),
-                   "klsweep")
-    group = next((run.summary["group"] for run in runs if run.summary.get("group")), out.name)
-    run = wandb.init(project=project, group=group, job_type="report", name=f"report-{group}",
-                     dir=str(out), mode=wandb_mode("auto"),
-                     config={"runs": len(runs), "paths": sorted({str(r.path) for r in runs})})
-    rows = [[run_.record.get(c) for c in CSV_COLUMNS] for g in groups for run_ in g.runs]
-    summary_columns = ["panel", "group", "seeds"] + [f"{m}_{s}" for m in GROUP_METRICS
-                                                    for s in ("mean", "std")]
-    summary_rows = [[g.panel, g.label, len(g.runs)]
-                    + [g.stats[m][i] for m in GROUP_METRICS for i in (0, 1)] for g in groups]
-    payload: dict[str, Any] = {"report/runs": wandb.Table(columns=list(CSV_COLUMNS), data=rows),
-                               "report/groups": wandb.Table(columns=summary_columns,
-                                                            data=summary_rows)}
-    for title, name in figures.items():
-        payload[f"report/{Path(name).stem}"] = wandb.Image(str(out / name), caption=title)
-    run.log(payload)
-    ranked = ranked_groups(groups)
-    if ranked:
-        run.summary.update({"report/best_tracking": ranked[0].label,
-                            "report/best_tracking_error": ranked[0].stats["tracking_error"][0]})
-    run_dir = str(Path(run.dir).parent)
-    run.finish()
-    return run_dir
-
-
-# --- command ---------------------------------------------------------------------------------
-def build_report(paths: Sequence[str], out: Path | None = None,
-                 use_wandb: bool = False) -> Path:
-    """Read the runs under ``paths``, write report.md, runs.csv and the figures into ``out``
-    (default: the first path); return report.md's path."""
-    from klsweep.report_figures import draw_all
-
-    run_dirs = find_run_dirs(paths)
-    if not run_dirs:
-        raise FileNotFoundError(f"no metrics.jsonl under {', '.join(paths)}")
-    runs = [load_run(path) for path in run_dirs]
-    groups = group_runs(runs)
-    if out is None:
-        # a glob as first PATH: the dir its matches share
-        matches = sorted(glob.glob(paths[0])) or [paths[0]]
-        out = Path(matches[0] if len(matches) == 1 else os.path.commonpath(matches))
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "runs.csv", groups)
-    figures = draw_all(groups, out)
-    report = out / "report.md"
-    write_markdown(report, runs, groups, figures, [str(p) for p in paths])
-    if use_wandb:
-        wandb_dir = log_to_wandb(out, runs, groups, figures)
-        log.info("klsweep.report: logged to W&B run %s", wandb_dir)
-    return report
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m klsweep.report",
-        description="Compare klsweep runs: report.md, runs.csv and figures (KL and β "
-                    "trajectories, reward against KL, tracking metrics per schedule).")
-    parser.add_argument("paths", nargs="+", metavar="PATH",
-                        help="a sweep dir, run dirs, or globs of them")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="where to write (default: the first PATH)")
-    parser.add_argument("--wandb", action="store_true",
-                        help="also log the table and figures to a W&B run of job_type=report "
-                             "in the sweep's group (offline without credentials)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    started = time.perf_counter()
-    try:
-        report = build_report(args.paths, args.out, args.wandb)
-    except FileNotFoundError as err:
-        print(f"klsweep.report: error: {err}", file=sys.stderr)
-        return 2
-    print(f"klsweep.report: wrote {report}, {report.parent / 'runs.csv'} and figures in "
-          f"{time.perf_counter() - started:.1f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

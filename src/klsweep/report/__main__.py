@@ -1,0 +1,5 @@
+import sys
+
+from klsweep.report.cli import main
+
+sys.exit(main())

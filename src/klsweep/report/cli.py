@@ -1,0 +1,77 @@
+"""``python -m klsweep.report PATH... [--out DIR] [--wandb]``: compare runs side by side.
+
+Reads every run dir under the PATHs (a sweep dir, run dirs or globs): its ``metrics.jsonl``,
+``summary.json``, ``.hydra/config.yaml`` and, for the exact task, ``exact.json``. Writes into
+the first PATH (or ``--out``) ``report.md`` and ``runs.csv`` (``markdown``) and the figures
+(``figures``). Runs that differ only by seed form one group (``runs``), shown as mean ± std
+over its seeds; groups are compared within one panel per (task, algorithm). ``--wandb`` logs
+the tables and figures to a W&B run of job_type=report (``wandb_run``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from klsweep.report.markdown import write_csv, write_markdown
+from klsweep.report.runs import find_run_dirs, group_runs, load_run
+from klsweep.report.wandb_run import log_to_wandb
+
+log = logging.getLogger("klsweep")
+
+
+def build_report(paths: Sequence[str], out: Path | None = None,
+                 use_wandb: bool = False) -> Path:
+    """Read the runs under ``paths``, write report.md, runs.csv and the figures into ``out``
+    (default: the first path); return report.md's path."""
+    from klsweep.report.figures import draw_all
+
+    run_dirs = find_run_dirs(paths)
+    if not run_dirs:
+        raise FileNotFoundError(f"no metrics.jsonl under {', '.join(paths)}")
+    runs = [load_run(path) for path in run_dirs]
+    groups = group_runs(runs)
+    if out is None:
+        # a glob as first PATH: the dir its matches share
+        matches = sorted(glob.glob(paths[0])) or [paths[0]]
+        out = Path(matches[0] if len(matches) == 1 else os.path.commonpath(matches))
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "runs.csv", groups)
+    figures = draw_all(groups, out)
+    report = out / "report.md"
+    write_markdown(report, runs, groups, figures, [str(p) for p in paths])
+    if use_wandb:
+        wandb_dir = log_to_wandb(out, runs, groups, figures)
+        log.info("klsweep.report: logged to W&B run %s", wandb_dir)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m klsweep.report",
+        description="Compare klsweep runs: report.md, runs.csv and figures (KL and β "
+                    "trajectories, reward against KL, tracking metrics per schedule).")
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="a sweep dir, run dirs, or globs of them")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where to write (default: the first PATH)")
+    parser.add_argument("--wandb", action="store_true",
+                        help="also log the table and figures to a W&B run of job_type=report "
+                             "in the sweep's group (offline without credentials)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    started = time.perf_counter()
+    try:
+        report = build_report(args.paths, args.out, args.wandb)
+    except FileNotFoundError as err:
+        print(f"klsweep.report: error: {err}", file=sys.stderr)
+        return 2
+    print(f"klsweep.report: wrote {report}, {report.parent / 'runs.csv'} and figures in "
+          f"{time.perf_counter() - started:.1f} s")
+    return 0
