@@ -1,4 +1,5 @@
-"""The exact task's math against brute force: the closed-form optimum, the frontier, J* ≥ J."""
+"""The exact task's math against brute force: the closed-form optimum, the frontier, J* ≥ J,
+and best-of-n against Monte Carlo sampling and Beirami et al.'s KL bound."""
 
 import math
 
@@ -6,6 +7,10 @@ import numpy as np
 import pytest
 
 from klsweep.exact_math import (
+    BEST_OF_N,
+    best_of_n_curve,
+    best_of_n_kl_bound,
+    best_of_n_logp,
     enumerate_completions,
     exact_metrics,
     expected_reward,
@@ -15,6 +20,7 @@ from klsweep.exact_math import (
     optimal_logp,
     optimal_objective,
     sequence_kl,
+    tilted_logp,
 )
 
 # Two prompts, two completions each ("two-token toy"): a policy is one probability per prompt.
@@ -134,3 +140,134 @@ def test_beta_zero_optimum_is_reference_on_the_argmax_set():
     # J*(β) = max r − β·log(1/π_ref(argmax)) + O(exp(−1/β)) as β → 0
     assert optimal_objective(ref_logp, reward, 1e-3) == pytest.approx(
         1.0 - 1e-3 * math.log(1 / 0.8), abs=1e-12)
+
+
+# Best-of-n toy: two prompts, six completions each, with tied rewards inside and across the top
+BON_REF = np.log(np.array([[0.30, 0.05, 0.20, 0.15, 0.10, 0.20],
+                           [0.10, 0.25, 0.05, 0.35, 0.15, 0.10]]))
+BON_REWARD = np.array([[0.0, 1.0, 0.5, 1.0, 0.5, 0.2],
+                       [0.3, 0.3, 0.9, 0.1, 0.9, 0.9]])
+
+
+def _best_of_n_samples(rng: np.random.Generator, prompt: int, n: int, sets: int,
+                       tie_break: str) -> np.ndarray:
+    """The completion each of ``sets`` sets of n i.i.d. π_ref draws picks [sets]: the top
+    reward, ties among the *draws* broken by the first one or by a uniformly chosen one."""
+    prob = np.exp(BON_REF[prompt])
+    draws = np.minimum(np.searchsorted(np.cumsum(prob), rng.random((sets, n))), prob.size - 1)
+    rewards = BON_REWARD[prompt][draws]
+    if tie_break == "first":
+        pick = rewards.argmax(axis=1)
+    else:  # uniform over the tied draws: the argmax of random keys among them
+        keys = np.where(rewards == rewards.max(axis=1, keepdims=True), rng.random(draws.shape), -1)
+        pick = keys.argmax(axis=1)
+    return draws[np.arange(sets), pick]
+
+
+@pytest.mark.parametrize("tie_break", ["first", "uniform"])
+@pytest.mark.parametrize("n", [2, 3, 8])
+def test_best_of_n_matches_monte_carlo_with_ties_split_by_reference_probability(n, tie_break):
+    # Both tie-breaks look only at the draws' rewards and positions; given which draws tie at
+    # the top, each is a π_ref draw restricted to that level, so both give mass ∝ π_ref in it.
+    # Tolerance 5 binomial sd per cell: 12 cells × 6 cases = 72 checks, a correct
+    # implementation fails with probability < 72 × 5.7e-7 < 1e-4.
+    sets = 40_000
+    rng = np.random.default_rng(10 * n + (tie_break == "uniform"))
+    exact = np.exp(best_of_n_logp(BON_REF, BON_REWARD, n))
+    assert exact.sum(axis=1) == pytest.approx([1.0, 1.0], abs=1e-12)
+    for prompt in range(2):
+        picked = _best_of_n_samples(rng, prompt, n, sets, tie_break)
+        freq = np.bincount(picked, minlength=6) / sets
+        tolerance = 5 * np.sqrt(exact[prompt] * (1 - exact[prompt]) / sets)
+        assert (np.abs(freq - exact[prompt]) <= tolerance).all(), (prompt, freq, exact[prompt])
+        # power: splitting a tied level evenly instead would be caught on this toy
+        level = BON_REWARD[prompt] == BON_REWARD[prompt].max()
+        even = np.where(level, exact[prompt][level].sum() / level.sum(), exact[prompt])
+        assert (np.abs(freq - even) > tolerance).any()
+
+
+def test_best_of_n_has_the_closed_form_level_law_and_a_constant_ratio_on_each_level():
+    # P_bon(R = r) = F(r)ⁿ − F⁻(r)ⁿ, written out by hand for prompt 0: levels 0, 0.2, 0.5, 1
+    # with reference masses 0.30, 0.20, 0.30, 0.20
+    n = 5
+    masses = np.array([0.30, 0.20, 0.30, 0.20])
+    at_most = np.cumsum(masses)
+    level_law = at_most**n - np.concatenate([[0.0], at_most[:-1]]) ** n
+    prob = np.exp(best_of_n_logp(BON_REF, BON_REWARD, n))[0]
+    assert [prob[0], prob[5], prob[2] + prob[4], prob[1] + prob[3]] == pytest.approx(
+        level_law.tolist(), abs=1e-15)
+    ratio = prob / np.exp(BON_REF[0])
+    assert ratio[2] == pytest.approx(ratio[4], rel=1e-12)
+    assert ratio[1] == pytest.approx(ratio[3], rel=1e-12)
+
+
+def test_best_of_one_is_the_reference():
+    logp = best_of_n_logp(BON_REF, BON_REWARD, 1)
+    assert np.exp(logp) == pytest.approx(np.exp(BON_REF), abs=1e-15)
+    ns, kl, reward = best_of_n_curve(BON_REF, BON_REWARD, [1])
+    assert ns.tolist() == [1] and kl[0] == pytest.approx(0.0, abs=1e-15)
+    assert reward[0] == pytest.approx(float(expected_reward(BON_REF, BON_REWARD).mean()), abs=1e-15)
+
+
+def test_best_of_n_kl_is_below_beirami_bound_strictly_on_a_finite_set():
+    # KL ≤ log n − (n−1)/n (Beirami et al. 2024) holds for every n, with ties and without, and
+    # is strict for n ≥ 2: the bound is the KL of a reward law without atoms
+    rng = np.random.default_rng(5)
+    ref_logp = _random_logp(rng, (3, 40), 1.5)
+    distinct = rng.random((3, 40))
+    tied = np.round(distinct * 4) / 4  # five levels
+    for ref, reward in ((ref_logp, distinct), (ref_logp, tied), (BON_REF, BON_REWARD)):
+        ns, kl, mean_reward = best_of_n_curve(ref, reward)
+        assert ns.tolist() == list(BEST_OF_N)
+        bound = np.array([best_of_n_kl_bound(int(n)) for n in ns])
+        assert kl[0] == pytest.approx(0.0, abs=1e-14)
+        assert (kl[1:] < bound[1:]).all()
+        assert (np.diff(kl) > 0).all() and (np.diff(mean_reward) > 0).all()
+    # ties lower the KL: best-of-n sees only the level of each draw, and fewer levels say less
+    kl_distinct = best_of_n_curve(ref_logp, distinct)[1]
+    kl_tied = best_of_n_curve(ref_logp, tied)[1]
+    assert (kl_tied[1:] < kl_distinct[1:]).all()
+
+
+def test_best_of_n_kl_approaches_the_bound_as_the_reward_levels_get_finer():
+    # uniform π_ref over Y distinct rewards: KL = Σ_k m_k·log(Y·m_k), m_k = (k/Y)ⁿ − ((k−1)/Y)ⁿ,
+    # a Riemann sum of ∫ n·u^(n−1)·log(n·u^(n−1)) du = log n − (n−1)/n, so the gap shrinks with Y
+    for n in (2, 16, 64):
+        gaps = []
+        for size in (6, 100, 10_000):
+            ref_logp = np.full((1, size), -math.log(size))
+            reward = np.linspace(0, 1, size)[None]
+            kl = float(sequence_kl(best_of_n_logp(ref_logp, reward, n), ref_logp)[0])
+            k = np.arange(1, size + 1)
+            mass = (k / size) ** n - ((k - 1) / size) ** n
+            assert kl == pytest.approx(float((mass * np.log(size * mass)).sum()), abs=1e-12)
+            gaps.append(best_of_n_kl_bound(n) - kl)
+        assert gaps[0] > gaps[1] > gaps[2] > 0
+        assert gaps[2] < 1e-5
+
+
+def test_best_of_many_is_the_reference_on_the_argmax_set_and_stays_below_the_frontier():
+    # n → ∞ puts the mass F⁻(max)ⁿ → 0 off the top level; here F⁻(max) ≤ 0.8, 0.8^2000 ≈ 0
+    limit = np.exp(tilted_logp(BON_REF, BON_REWARD, math.inf))
+    assert np.exp(best_of_n_logp(BON_REF, BON_REWARD, 2000)) == pytest.approx(limit, abs=1e-15)
+    # best-of-n is one policy per n: no better than the best policy at its KL
+    _, kl, reward = best_of_n_curve(BON_REF, BON_REWARD, (1, 2, 3, 5, 8, 64))
+    for kl_n, reward_n in zip(kl, reward, strict=True):
+        assert reward_n <= frontier_reward(BON_REF, BON_REWARD, float(kl_n)) + 1e-9
+
+
+def test_best_of_n_keeps_completions_the_reference_never_emits_at_zero():
+    # the last completion's probability e^-900 underflows; its log does not
+    ref_logp = np.array([[math.log(0.5), -math.inf, math.log(0.5), -900.0]])
+    reward = np.array([[0.0, 1.0, 0.5, 2.0]])
+    logp = best_of_n_logp(ref_logp, reward, 4)
+    assert logp[0, 1] == -math.inf
+    # the top level, mass q = e^-900, gets 1 − (1 − q)ⁿ = n·q: a log-ratio of log n
+    assert logp[0, 3] - ref_logp[0, 3] == pytest.approx(math.log(4), abs=1e-12)
+    assert np.exp(logp).sum() == pytest.approx(1.0, abs=1e-15)
+
+
+@pytest.mark.parametrize("n", [0, -1, 2.0, True])
+def test_best_of_n_rejects_a_non_positive_or_non_integer_n(n):
+    with pytest.raises(ValueError, match="best-of-n needs an integer n >= 1"):
+        best_of_n_logp(BON_REF, BON_REWARD, n)

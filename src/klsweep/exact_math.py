@@ -12,13 +12,15 @@ The objective is J(π) = E_x[E_π[r] − β·KL(π(·|x)‖π_ref(·|x))] with �
 J* = E_x[β·log E_ref[exp(r/β)]] (Korbak et al. 2022, Rafailov et al. 2023); β → 0 gives the
 reference restricted to the reward's argmax set, whose reward is the maximum and J* = max r.
 The reward–KL frontier, the highest mean reward at a mean KL, is π* over all β with one β
-shared by all prompts (the Lagrangian of a concave problem).
+shared by all prompts (the Lagrangian of a concave problem). Best-of-n over π_ref, the
+inference-time baseline drawn beside it, is exact here too (``best_of_n_logp``).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import NDArray
@@ -31,6 +33,8 @@ _BRACKET_STEP = math.log(10.0)
 _BRACKET_STEPS = 40
 _ROOT_STEPS = 100
 _KL_TOLERANCE = 1e-13
+# the n of the best-of-n curve: doublings up to 64, where log n − (n−1)/n ≈ 3.2 nats
+BEST_OF_N = (1, 2, 4, 8, 16, 32, 64)
 
 
 def enumerate_completions(vocab_size: int, length: int) -> NDArray[np.int64]:
@@ -176,3 +180,79 @@ def exact_metrics(logp: Table, ref_logp: Table, reward: Table,
         "exact/improvement_left": (j_star - j_run) / gain if gain > 0 else math.nan,
         "exact/beta_seq": float(beta_seq),
     }
+
+
+def best_of_n_logp(ref_logp: Table, reward: Table, n: int) -> Table:
+    """log π_bon(y|x) [X, Y]: the law of the highest-reward completion among n i.i.d. draws
+    from π_ref (-inf where it is zero).
+
+    With the distinct reward levels of a prompt, F(r) = P_ref(R ≤ r) and F⁻(r) = P_ref(R < r),
+    the best draw's reward is r with probability P_bon(R = r) = F(r)ⁿ − F⁻(r)ⁿ. Ties (rewards
+    equal as floats) share that mass in proportion to π_ref:
+    π_bon(y) = π_ref(y)·(F(r_y)ⁿ − F⁻(r_y)ⁿ)/P_ref(R = r_y). This is what any tie-break gets
+    that looks only at the draws' rewards and positions, e.g. the first or a uniformly chosen
+    one of the draws with the top reward: given which draws sit in the top level, each is an
+    independent draw from π_ref restricted to it. (Choosing uniformly among the tied
+    *distinct completions* drawn would not be.) π_bon/π_ref is thus constant on a level,
+    so KL(π_bon‖π_ref) is the KL between the level laws, at most log n − (n−1)/n
+    (``best_of_n_kl_bound``; Beirami et al. 2024). n = 1 is π_ref.
+
+    Each level's mass is computed as F(r)ⁿ·(1 − (1 − q/F(r))ⁿ), q = P_ref(R = r), through
+    log1p/expm1, so that a small level near the top keeps its relative precision instead of
+    being the difference of two numbers close to 1. ``ref_logp`` is normalised per prompt
+    first (it only matters to rounding for a table of log-probs)."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"best-of-n needs an integer n >= 1 (got {n!r})")
+    log_ratio = np.empty_like(ref_logp)
+    for x in range(ref_logp.shape[0]):
+        _, level = np.unique(reward[x], return_inverse=True)  # levels in increasing reward
+        log_q = _grouped_logsumexp(ref_logp[x], level)
+        log_at_most = np.logaddexp.accumulate(log_q)
+        # normalised by this very sum, so that the top level's F is exactly 1 (an error δ in
+        # it would grow to n·δ in every level's mass); in log space throughout, so that a
+        # level whose probability underflows keeps its share
+        log_total = log_at_most[-1]
+        log_q, log_at_most = log_q - log_total, log_at_most - log_total  # log q, log F(r)
+        log_share = log_q - log_at_most  # log(q/F), 0 on the lowest level π_ref reaches
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # log(1 − (1 − q/F)ⁿ); below e^-600 the share is n·q/F to all digits
+            log_top = np.log(-np.expm1(n * np.log1p(-np.exp(log_share))))
+            log_top = np.where(log_share < -600.0, math.log(n) + log_share, log_top)
+            log_ratio[x] = (n * log_at_most + log_top - log_q)[level] - log_total
+    # a level π_ref never reaches has a nan ratio: its completions stay at probability zero
+    return np.where(np.isfinite(ref_logp), ref_logp + log_ratio, -math.inf)
+
+
+def _grouped_logsumexp(values: NDArray[np.float64], group: NDArray[np.int64],
+                       ) -> NDArray[np.float64]:
+    """log Σ exp(values) within each group [max(group) + 1], stable; an empty or all -inf
+    group gives -inf."""
+    top = np.full(int(group.max()) + 1, -math.inf)
+    np.maximum.at(top, group, values)
+    top = np.where(np.isfinite(top), top, 0.0)
+    total = np.bincount(group, weights=np.exp(values - top[group]), minlength=top.size)
+    with np.errstate(divide="ignore"):
+        return np.log(total) + top
+
+
+def best_of_n_kl_bound(n: int) -> float:
+    """log n − (n−1)/n, Beirami et al. (2024)'s bound on KL(π_bon‖π_ref) in nats per sequence.
+
+    It is the KL of best-of-n when no completion carries probability (a continuous reward
+    law). On a finite set it is strict for n ≥ 2 and approached only as every reward level's
+    reference mass goes to zero; tied rewards lower the KL further (merging levels is a
+    coarser view of the same draws). As n → ∞ the KL tends instead to −log P_ref(R = max r),
+    that of the reference on the argmax set."""
+    return math.log(n) - (n - 1) / n
+
+
+def best_of_n_curve(ref_logp: Table, reward: Table, ns: Sequence[int] = BEST_OF_N,
+                    ) -> tuple[NDArray[np.int64], Table, Table]:
+    """(n, KL(π_bon‖π_ref), E_bon[r]) for each n in ``ns``: KL in nats per sequence and both
+    means over prompts, as ``sequence_kl`` and ``expected_reward`` give them for a policy."""
+    kls, rewards = [], []
+    for n in ns:
+        logp = best_of_n_logp(ref_logp, reward, n)
+        kls.append(float(sequence_kl(logp, ref_logp).mean()))
+        rewards.append(float(expected_reward(logp, reward).mean()))
+    return np.asarray(ns, dtype=np.int64), np.asarray(kls), np.asarray(rewards)
