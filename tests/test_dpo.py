@@ -1,4 +1,5 @@
-"""DPO: the sigmoid/ipo/hinge losses on hand-computed values, the minimiser under
+"""DPO: the sigmoid/robust/ipo/hinge losses on hand-computed values and against TRL's formulas,
+the minimiser under
 Bradley–Terry labels against the closed-form optimum π* ∝ π_ref·exp(r/β), the statistics of
 the pair labels, and the real command end to end."""
 
@@ -14,6 +15,7 @@ from klsweep.algos.dpo import (
     deterministic_labels,
     dpo_loss,
     order_pairs,
+    sequence_logratio,
 )
 from klsweep.config import ConfigError, compose_and_validate
 from klsweep.rollout import Rollout
@@ -32,6 +34,8 @@ def _softplus(x: float) -> float:
     ("ipo", 0.1, 0.9 * (1 - 5.0) ** 2 + 0.1 * (-1 - 5.0) ** 2),
     ("hinge", 0.0, 1 - 0.1),                                         # max(0, 1 − βh)
     ("hinge", 0.1, 0.9 * (1 - 0.1) + 0.1 * (1 + 0.1)),
+    ("robust", 0.0, _softplus(-0.1)),                                # ε = 0: DPO
+    ("robust", 0.1, (0.9 * _softplus(-0.1) - 0.1 * _softplus(0.1)) / 0.8),
 ])
 def test_preference_losses_on_hand_computed_values(loss_type, smoothing, expected):
     losses, chosen, rejected = dpo_loss(torch.tensor([0.5]), torch.tensor([-0.5]), 0.1,
@@ -43,6 +47,111 @@ def test_preference_losses_on_hand_computed_values(loss_type, smoothing, expecte
 def test_hinge_loss_is_zero_past_the_margin():
     losses, _, _ = dpo_loss(torch.tensor([30.0]), torch.tensor([0.0]), 0.1, "hinge")
     assert float(losses[0]) == 0.0
+
+
+def _trl_losses(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                beta: float, loss_type: str, label_smoothing: float):
+    """TRL's DPOTrainer.dpo_loss, written out: logits = (π_c − π_r) − (ref_c − ref_r) on the
+    (already summed or normalised) completion log-probs; TRL reads ε only in sigmoid/robust."""
+    logits = (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        losses = (-torch.nn.functional.logsigmoid(beta * logits) * (1 - eps)
+                  - torch.nn.functional.logsigmoid(-beta * logits) * eps)
+    elif loss_type == "robust":
+        losses = (-torch.nn.functional.logsigmoid(beta * logits) * (1 - eps)
+                  + torch.nn.functional.logsigmoid(-beta * logits) * eps) / (1 - 2 * eps)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * logits)
+    else:  # ipo, eq. (17) of Azar et al., β as their τ
+        losses = (logits - 1 / (2 * beta)) ** 2
+    return (losses, beta * (chosen_logps - ref_chosen_logps),
+            beta * (rejected_logps - ref_rejected_logps))
+
+
+# three pairs of hand-made per-token log-probs; completions of 2 to 5 tokens, the padding
+# after them (-9) must not count
+_LOGP = {
+    "chosen": [[-0.5, -1.2, -0.3, -2.0, -9.0], [-1.0, -0.1, -9.0, -9.0, -9.0],
+               [-0.7, -0.7, -0.9, -0.2, -1.5]],
+    "rejected": [[-2.2, -0.4, -9.0, -9.0, -9.0], [-0.3, -1.9, -0.8, -0.6, -9.0],
+                 [-1.1, -2.5, -0.2, -0.4, -0.9]],
+    "ref_chosen": [[-0.9, -1.0, -0.6, -1.7, -9.0], [-0.6, -0.8, -9.0, -9.0, -9.0],
+                   [-1.0, -0.4, -1.2, -0.3, -1.6]],
+    "ref_rejected": [[-1.5, -0.8, -9.0, -9.0, -9.0], [-0.9, -1.2, -0.7, -1.0, -9.0],
+                     [-1.3, -1.8, -0.6, -0.2, -1.4]],
+}
+_LENGTHS = {"chosen": [4, 2, 5], "rejected": [2, 4, 5]}
+
+
+@pytest.mark.parametrize(("loss_type", "smoothing", "per_token"), [
+    ("sigmoid", 0.0, False),
+    ("sigmoid", 0.2, False),   # cDPO
+    ("robust", 0.0, False),
+    ("robust", 0.2, False),
+    ("hinge", 0.0, False),
+    ("ipo", 0.0, False),       # klsweep's summed IPO: TRL's formula on summed log-probs
+    ("ipo", 0.0, True),        # TRL's IPO: each completion's log-probs averaged per token
+])
+def test_losses_and_implicit_rewards_match_trl_formulas(loss_type, smoothing, per_token):
+    beta = 0.3
+    logp = {k: torch.tensor(v, dtype=torch.float64) for k, v in _LOGP.items()}
+    mask = {k: torch.arange(5)[None, :] < torch.tensor(n)[:, None] for k, n in _LENGTHS.items()}
+    logratio = {side: sequence_logratio(logp[side], logp[f"ref_{side}"], mask[side], per_token)
+                for side in ("chosen", "rejected")}
+    ours = dpo_loss(logratio["chosen"], logratio["rejected"], beta, loss_type, smoothing)
+    # TRL: log-probs summed over the completion, divided by its length for ipo
+    length = {k: torch.tensor(n, dtype=torch.float64) for k, n in _LENGTHS.items()}
+    trl_logps = {k: (v * mask[k.removeprefix("ref_")]).sum(-1) for k, v in logp.items()}
+    if per_token:
+        trl_logps = {k: v / length[k.removeprefix("ref_")] for k, v in trl_logps.items()}
+    trl = _trl_losses(trl_logps["chosen"], trl_logps["rejected"], trl_logps["ref_chosen"],
+                      trl_logps["ref_rejected"], beta, loss_type, smoothing)
+    for got, expected in zip(ours, trl, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_sequence_logratio_takes_the_reference_per_token_or_as_cached_sums(per_token):
+    logp = torch.tensor(_LOGP["chosen"], dtype=torch.float64)
+    ref = torch.tensor(_LOGP["ref_chosen"], dtype=torch.float64)
+    mask = torch.arange(5)[None, :] < torch.tensor(_LENGTHS["chosen"])[:, None]
+    from_tokens = sequence_logratio(logp, ref, mask, per_token)
+    from_sums = sequence_logratio(logp, (ref * mask).sum(-1), mask, per_token)
+    torch.testing.assert_close(from_tokens, from_sums, rtol=0, atol=1e-12)
+    summed = [-4.0 + 4.2, -1.1 + 1.4, -4.0 + 4.5]  # Σ logp − Σ ref over each completion
+    expected = [v / n for v, n in zip(summed, _LENGTHS["chosen"], strict=True)] if per_token \
+        else summed
+    assert from_tokens.tolist() == pytest.approx(expected, abs=1e-12)
+
+
+def test_sequence_logratio_of_an_empty_completion_is_zero_per_token():
+    empty = torch.zeros(1, 3, dtype=torch.bool)
+    logp = torch.full((1, 3), -1.0)
+    assert sequence_logratio(logp, torch.zeros(1), empty, per_token=True).tolist() == [0.0]
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.2, 0.45])
+def test_robust_loss_averaged_over_a_label_flip_is_the_clean_dpo_loss(eps):
+    # Chowdhury et al. (2024): the loss is unbiased under flips with known rate ε
+    h = torch.tensor([-30.0, -2.0, -0.3, 0.0, 0.7, 4.0, 30.0], dtype=torch.float64)
+    zero = torch.zeros_like(h)
+    as_labelled = dpo_loss(h, zero, BETA, "robust", eps)[0]
+    flipped = dpo_loss(zero, h, BETA, "robust", eps)[0]
+    clean = dpo_loss(h, zero, BETA, "sigmoid")[0]
+    torch.testing.assert_close((1 - eps) * as_labelled + eps * flipped, clean,
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("eps", [-0.1, 0.5, 0.7])
+def test_robust_loss_rejects_a_flip_rate_outside_zero_to_one_half(eps):
+    with pytest.raises(ValueError, match="robust loss needs 0 <= label_smoothing < 0.5"):
+        dpo_loss(torch.tensor([1.0]), torch.tensor([0.0]), 0.1, "robust", eps)
+
+
+def test_unknown_loss_lists_the_allowed_ones():
+    with pytest.raises(ValueError, match="allowed: sigmoid, robust, ipo, hinge"):
+        dpo_loss(torch.tensor([1.0]), torch.tensor([0.0]), 0.1, "kto")
 
 
 # A two-completion toy: one prompt, completions y1 and y2, the policy π(y1) = σ(θ).
@@ -98,6 +207,23 @@ def test_label_smoothing_moves_the_minimiser_to_the_smoothed_preference():
     theta = _minimise(lambda t: _expected_loss(t, "sigmoid", eps))
     h = math.log(p_smooth / (1 - p_smooth)) / BETA
     assert theta == pytest.approx(math.log(REF_P1 / (1 - REF_P1)) + h, abs=1e-6)
+
+
+def test_robust_minimiser_under_flipped_labels_is_the_clean_regularised_optimum():
+    # labels flipped w.p. ε: y1 wins w.p. (1−ε)·p + ε·(1−p). cDPO's minimiser moves to that
+    # noisy preference (above); the robust loss, told ε, recovers π* ∝ π_ref·exp(r/β)
+    eps = 0.2
+    p1 = 1.0 / (1.0 + math.exp(-(R1 - R2)))
+    p_noisy = (1 - eps) * p1 + eps * (1 - p1)
+
+    def noisy_expected_loss(theta):
+        l1, l2 = _logratios(theta)
+        y1_chosen = dpo_loss(l1[None], l2[None], BETA, "robust", eps)[0]
+        y2_chosen = dpo_loss(l2[None], l1[None], BETA, "robust", eps)[0]
+        return (p_noisy * y1_chosen + (1 - p_noisy) * y2_chosen).sum()
+
+    theta = _minimise(noisy_expected_loss)
+    assert theta == pytest.approx(_closed_form_theta(), abs=1e-6)
 
 
 def test_ipo_minimiser_is_its_own_regularised_target_not_dpo_s():

@@ -27,7 +27,7 @@ from klsweep.rollout import Rollout, generate
 if TYPE_CHECKING:
     from klsweep.module import KLPolicyModule
 
-LOSSES = ("sigmoid", "ipo", "hinge")
+LOSSES = ("sigmoid", "robust", "ipo", "hinge")
 LABELS = ("bradley_terry", "deterministic")
 # offline pairs are sampled from π_ref in chunks of this many prompts (bounds the KV cache)
 _DATASET_CHUNK = 1024
@@ -57,6 +57,7 @@ def preference_labels(rewards_a: Tensor, rewards_b: Tensor, kind: str,
 
 
 def _pair_loss(h: Tensor, beta: float, loss_type: str) -> Tensor:
+    """ℓ(h), the loss of one pair with its label as given (no smoothing)."""
     if loss_type == "sigmoid":
         return -F.logsigmoid(beta * h)
     if loss_type == "ipo":
@@ -68,25 +69,57 @@ def _pair_loss(h: Tensor, beta: float, loss_type: str) -> Tensor:
     raise ValueError(f"unknown DPO loss {loss_type!r} (allowed: {', '.join(LOSSES)})")
 
 
+def sequence_logratio(logp: Tensor, ref_logp: Tensor, mask: Tensor,
+                      per_token: bool = False) -> Tensor:
+    """log π(y)/π_ref(y) per completion [B] from the policy's per-token log-probs [B, T]
+    over the completion tokens ``mask`` [B, T].
+
+    Summed (default): the sequence log-ratio of DPO's derivation, whose β is then the
+    coefficient on sequence KL. ``per_token``: its mean over the completion's tokens, i.e.
+    both log-probs divided by the completion's length, as TRL computes them for IPO (its
+    comment: the IPO authors confirmed the paper's results use this normalised form); a
+    completion without tokens gives 0. ``ref_logp`` is per token [B, T], or already summed
+    over ``mask`` [B] (what an offline data set caches)."""
+    ref = ref_logp if ref_logp.dim() == logp.dim() - 1 else masked_sum(ref_logp, mask)
+    logratio = masked_sum(logp, mask) - ref
+    if per_token:
+        logratio = logratio / mask.sum(-1).clamp(min=1).to(logratio.dtype)
+    return logratio
+
+
 def dpo_loss(chosen_logratio: Tensor, rejected_logratio: Tensor, beta: float,
              loss_type: str = "sigmoid",
              label_smoothing: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-pair preference losses [B] from the sequence log-ratios log π(y)/π_ref(y) of the
-    chosen and rejected completions, with ``h`` their difference:
+    """Per-pair preference losses [B] from the log-ratios log π(y)/π_ref(y) of the chosen and
+    rejected completions (summed or per token: see ``sequence_logratio``), with ``h`` their
+    difference and ε = ``label_smoothing``:
 
     * ``sigmoid`` (DPO, Rafailov et al. 2023): ``−log σ(β·h)``;
+    * ``robust`` (Chowdhury et al. 2024): ``((1−ε)·ℓ(h) − ε·ℓ(−h))/(1 − 2ε)`` with ℓ the
+      sigmoid loss, i.e. TRL's ``(−(1−ε)·log σ(β·h) + ε·log σ(−β·h))/(1 − 2ε)``. When each
+      label is flipped with known probability ε, its mean over the flip is the clean ℓ(h),
+      so its minimiser is the clean labels' one. Needs 0 ≤ ε < 1/2; for ε > 0 a single pair's
+      loss is unbounded below (−∞ as β·h → ∞), only its mean over labels is a proper loss;
     * ``ipo`` (Azar et al. 2023): ``(h − 1/(2β))²``;
     * ``hinge`` (SLiC, Zhao et al. 2023): ``max(0, 1 − β·h)``.
 
-    ``label_smoothing`` ε treats each label as flipped with probability ε,
-    ``(1−ε)·ℓ(h) + ε·ℓ(−h)``: for ``sigmoid`` this is conservative DPO (Mitchell 2023, TRL's
-    ``label_smoothing``). Returns (losses, chosen rewards, rejected rewards) with the
+    For ``sigmoid``, ``ipo`` and ``hinge``, ε treats each label as flipped with probability
+    ε, ``(1−ε)·ℓ(h) + ε·ℓ(−h)``: for ``sigmoid`` this is conservative DPO (Mitchell 2023,
+    TRL's ``label_smoothing``, which TRL reads for ``sigmoid`` and ``robust`` only: its ipo
+    and hinge ignore it). Returns (losses, chosen rewards, rejected rewards) with the
     implicit rewards ``β·log π/π_ref`` detached."""
     h = chosen_logratio - rejected_logratio
-    losses = _pair_loss(h, beta, loss_type)
-    if label_smoothing > 0:
-        losses = (1.0 - label_smoothing) * losses + label_smoothing * _pair_loss(-h, beta,
-                                                                                  loss_type)
+    eps = label_smoothing
+    if loss_type == "robust":
+        if not 0.0 <= eps < 0.5:
+            raise ValueError(f"the robust loss needs 0 <= label_smoothing < 0.5 (got {eps})")
+        # the mean over a flip w.p. ε of this estimator is ℓ(h): (1−ε)²−ε² = 1−2ε cancels
+        losses = ((1.0 - eps) * _pair_loss(h, beta, "sigmoid")
+                  - eps * _pair_loss(-h, beta, "sigmoid")) / (1.0 - 2.0 * eps)
+    else:
+        losses = _pair_loss(h, beta, loss_type)
+        if eps > 0:
+            losses = (1.0 - eps) * losses + eps * _pair_loss(-h, beta, loss_type)
     return losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
 
 
