@@ -205,3 +205,17 @@ def test_a_batch_of_n_jobs_trials_is_launched_at_once_each_in_its_own_dir(config
                 "trial.study_name=beta_target"} <= set(job)
         assert {o.split("=")[0] for o in job} >= {"kl.beta", "kl.target", "trial.storage"}
     assert by_state(study(tmp_path).trials) == {"COMPLETE": [0, 1, 2]}
+
+
+def test_a_storage_named_by_env_reaches_the_trials_as_that_name(config_loader, tmp_path,
+                                                                 monkeypatch):
+    monkeypatch.setenv("KLSWEEP_TEST_STORAGE", f"sqlite:///{tmp_path / 'optuna.db'}")
+    launcher = ScriptedLauncher({0: pruned}, tmp_path)
+
+    sweep(config_loader, tmp_path, launcher, *SINGLE_OBJECTIVE, "hydra.sweeper.n_trials=1",
+          "hydra.sweeper.storage=env:KLSWEEP_TEST_STORAGE")
+
+    ((_, (job,)),) = launcher.batches
+    assert "trial.storage=env:KLSWEEP_TEST_STORAGE" in job
+    (trial,) = study(tmp_path).trials  # the run reported through the variable's URL
+    assert trial.state == TrialState.PRUNED and trial.intermediate_values == {5: 0.25}

@@ -1,4 +1,5 @@
-"""Two sweep workers sharing one Optuna study in PostgreSQL, as on several machines.
+"""Sweeps on a study in PostgreSQL: two workers sharing it, as on several machines, and a
+password in the storage URL that no file and no log line of the sweep holds.
 
 Needs a server: KLSWEEP_TEST_POSTGRES_URL (``.ci/run`` starts a throwaway one on 127.0.0.1).
 """
@@ -14,11 +15,14 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
+from sqlalchemy.engine import make_url
 
 from hydra_plugins.klsweep_optuna._search_space import override_string
 
 POSTGRES_URL = os.environ.get("KLSWEEP_TEST_POSTGRES_URL")
 REPO = Path(__file__).resolve().parents[1]
+FAST = ["logger=none", "trainer.enable_progress_bar=false", "algo.prompts_per_step=2",
+        "algo.group_size=4"]
 
 pytestmark = [
     pytest.mark.postgres, pytest.mark.slow,
@@ -30,8 +34,7 @@ pytestmark = [
 def test_two_workers_sharing_a_postgres_study_end_with_exactly_n_trials(tmp_path):
     study_name = f"two-workers-{uuid.uuid4().hex[:8]}"
     n_trials = 4
-    args = ["sweep=beta_target", "steps=2", "logger=none", "trainer.enable_progress_bar=false",
-            "algo.prompts_per_step=2", "algo.group_size=4", f"hydra.sweeper.n_trials={n_trials}",
+    args = ["sweep=beta_target", "steps=2", *FAST, f"hydra.sweeper.n_trials={n_trials}",
             override_string("hydra.sweeper.storage", POSTGRES_URL),
             f"hydra.sweeper.study_name={study_name}"]
     workers = [subprocess.Popen([sys.executable, "-m", "klsweep", "-m", *args,
@@ -56,3 +59,37 @@ def test_two_workers_sharing_a_postgres_study_end_with_exactly_n_trials(tmp_path
         assert ran <= {"worker0", "worker1"}
     finally:
         optuna.delete_study(study_name=study_name, storage=POSTGRES_URL)
+
+
+# The test server trusts every connection from 127.0.0.1, so any password is accepted
+PASSWORD = "fake-Pa55word-of-the-test"
+
+
+@pytest.mark.parametrize("storage", ["env:KLSWEEP_TEST_STORAGE",
+                                     "${oc.env:KLSWEEP_TEST_STORAGE}"])
+def test_a_password_in_the_storage_url_is_in_no_file_and_no_log_line(tmp_path, storage):
+    study_name = f"private-{uuid.uuid4().hex[:8]}"
+    url = make_url(POSTGRES_URL).set(password=PASSWORD).render_as_string(hide_password=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "klsweep", "-m", "sweep=beta_target", "task=exact", "steps=2",
+         *FAST, "logger=wandb", "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage={storage}",
+         f"hydra.sweeper.study_name={study_name}", "hydra.sweeper.report_every=1",
+         "hydra.sweeper.objectives={kl/final:null}",  # one objective: trials report values
+         f"hydra.sweep.dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "KLSWEEP_TEST_STORAGE": url, "WANDB_MODE": "offline"})
+    try:
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output
+        trials = optuna.load_study(study_name=study_name, storage=url).trials
+        assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+        assert all(t.intermediate_values for t in trials)  # each run reached the study itself
+        assert PASSWORD not in output
+        assert f"{make_url(url).username}:***@" in output  # the URL is shown, masked
+        written = [path for path in tmp_path.rglob("*") if path.is_file()]
+        assert {"multirun.yaml", "best.yaml", "overrides.yaml", "hydra.yaml",
+                "config.yaml"} <= {path.name for path in written}
+        assert any(path.suffix == ".wandb" for path in written)
+        assert [path for path in written if PASSWORD.encode() in path.read_bytes()] == []
+    finally:
+        optuna.delete_study(study_name=study_name, storage=url)

@@ -1,13 +1,14 @@
 """Pruning a sweep's trial from inside its run.
 
 The Optuna sweeper passes each run its study and trial number (``trial.storage``,
-``trial.study_name``, ``trial.number``) and writes the study's objectives, pruner and
-reporting interval into the study's user attribute ``klsweep``. The callback below reads
-them back from the storage, reports the first objective's running value every
-``report_every`` steps and stops the run with ``optuna.TrialPruned`` when the pruner says
-so; the sweeper then records the trial as PRUNED. The running value is computed by the same
-``summarize`` that writes summary.json, so an intermediate value and the final one mean the
-same thing.
+``trial.study_name``, ``trial.number``; the storage as a URL without a password, or as
+``env:NAME`` read from the run's environment, see ``klsweep.storage``) and writes the study's
+objectives, pruner and reporting interval into the study's user attribute ``klsweep``. The
+callback below reads them back from the storage, reports the first objective's running value
+every ``report_every`` steps and stops the run with ``optuna.TrialPruned`` when the pruner
+says so; the sweeper then records the trial as PRUNED. The running value is computed by the
+same ``summarize`` that writes summary.json, so an intermediate value and the final one mean
+the same thing.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import optuna
 from lightning.pytorch.callbacks import Callback
 
 from klsweep.records import summarize
+from klsweep.storage import resolve_storage
 
 SWEEP_ATTR = "klsweep"  # the study's user attribute that the sweeper writes and runs read
 
@@ -46,7 +48,7 @@ class TrialPruning(Callback):
     objectives, so a multi-objective study only runs its trials to the end."""
 
     def __init__(self, storage: str, study_name: str, number: int) -> None:
-        rdb = optuna.storages.RDBStorage(storage)
+        rdb = optuna.storages.RDBStorage(resolve_storage(storage))
         study_id = rdb.get_study_id_from_name(study_name)
         sweep = rdb.get_study_user_attrs(study_id)[SWEEP_ATTR]
         study = optuna.load_study(study_name=study_name, storage=rdb,

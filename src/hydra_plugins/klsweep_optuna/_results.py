@@ -50,9 +50,9 @@ def best_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def write_best(sweep_dir: Path, study: optuna.Study, objectives: Mapping[str, str],
-               fixed: Sequence[str], storage_url: str) -> Path:
-    """best.yaml or pareto.yaml: each trial with its values, params, run dir and the
-    command that runs it again."""
+               fixed: Sequence[str], storage_shown: str) -> Path:
+    """best.yaml or pareto.yaml: the storage as ``storage_shown`` (its password masked), and
+    each trial with its values, params, run dir and the command that runs it again."""
     entries = []
     for trial in best_trials(study):
         overrides = [*fixed, *(override_string(k, v) for k, v in trial.params.items())]
@@ -65,7 +65,7 @@ def write_best(sweep_dir: Path, study: optuna.Study, objectives: Mapping[str, st
         })
     several = len(objectives) > 1
     path = sweep_dir / ("pareto.yaml" if several else "best.yaml")
-    payload = {"study": study.study_name, "storage": storage_url,
+    payload = {"study": study.study_name, "storage": storage_shown,
                "objectives": dict(objectives),
                "pareto" if several else "best": entries if several else next(iter(entries), None)}
     path.write_text(yaml.safe_dump(payload, sort_keys=False, allow_unicode=True,

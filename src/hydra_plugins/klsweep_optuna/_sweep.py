@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ from hydra_plugins.klsweep_optuna._search_space import (
     override_string,
     parse_search_space,
 )
+from hydra_plugins.klsweep_optuna._storage import StorageURL, study_storage
 from hydra_plugins.klsweep_optuna._study import (
     CLAIMED,
     DONE,
@@ -78,23 +80,25 @@ class OptunaSweep:
         check_params(self.space, self.config, self.config_loader)
         self.n_trials = s.n_trials if self.grid is None else min(s.n_trials, len(self.grid))
         self.max_failures = s.max_failures or s.n_trials
+        self.sweep_dir = Path(self.config.hydra.sweep.dir).resolve()
+        self.storage_url: StorageURL = study_storage(
+            s.storage, sweep_dir=self.sweep_dir,
+            interpolated=OmegaConf.is_interpolation(self.config.hydra.sweeper, "storage"))
 
     def open_study(self) -> optuna.Study:
         """Create the study, or load it to resume: the same command and objectives only."""
         s = self.settings
-        self.sweep_dir = Path(self.config.hydra.sweep.dir).resolve()
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, self.sweep_dir / "multirun.yaml")
         self.study_name = s.study_name or self.sweep_dir.name
-        self.storage_url = s.storage or f"sqlite:///{self.sweep_dir / 'optuna.db'}"
-        self.storage = make_storage(self.storage_url, heartbeat_interval=s.heartbeat_interval,
+        self.storage = make_storage(self.storage_url.url, heartbeat_interval=s.heartbeat_interval,
                                     grace_period=s.grace_period, max_retry=s.max_retry)
         study = optuna.create_study(
             storage=self.storage, study_name=self.study_name, sampler=self.sampler,
             pruner=make_pruner(self.pruner), directions=list(self.objectives.values()),
             load_if_exists=True)
         before = study.user_attrs.get(SWEEP_ATTR)
-        where = f"study {self.study_name} in {self.storage_url}"
+        where = f"study {self.study_name} in {self.storage_url.shown}"
         if before and before["objectives"] != self.objectives:
             raise SweepConfigError(f"{where} has objectives {before['objectives']}, not "
                                    f"{self.objectives}: set hydra.sweeper.study_name for a "
@@ -122,7 +126,7 @@ class OptunaSweep:
         self.plan(arguments)
         study = self.open_study()
         done = count(study, DONE)
-        log.info(f"klsweep: study {self.study_name} ({self.storage_url}): {done} of "
+        log.info(f"klsweep: study {self.study_name} ({self.storage_url.shown}): {done} of "
                  f"{self.n_trials} trials done; {len(self.space.distributions)} params, "
                  f"objectives {', '.join(f'{k} ({v})' for k, v in self.objectives.items())}")
         returns: list[Sequence[JobReturn]] = []
@@ -186,13 +190,14 @@ class OptunaSweep:
     def launch(self, batch: list[Trial]) -> Sequence[JobReturn]:
         jobs = [[*self.space.fixed,
                  *(override_string(key, value) for key, value in trial.params.items()),
-                 override_string("trial.storage", self.storage_url),
+                 override_string("trial.storage", self.storage_url.for_trials),
                  override_string("trial.study_name", self.study_name),
                  f"trial.number={trial.number}",
                  # one dir per trial, named by its number, so a resumed study adds dirs
                  f"hydra.sweep.subdir={trial.number}"]
                 for trial in batch]
         ids = [self.trial_ids[trial.number] for trial in batch]
+        os.environ.update(self.storage_url.trial_env)  # before any launcher starts a process
         with Heartbeat(self.storage, ids, self.settings.heartbeat_interval):
             results = self.launcher.launch(jobs, initial_job_idx=self.job_index)
         self.job_index += len(jobs)
@@ -227,7 +232,7 @@ class OptunaSweep:
     def write_results(self, study: optuna.Study) -> None:
         _results.write_trials_csv(self.sweep_dir / "trials.csv", study, list(self.objectives))
         path = _results.write_best(self.sweep_dir, study, self.objectives, self.space.fixed,
-                                   self.storage_url)
+                                   self.storage_url.shown)
         best = _results.best_trials(study)
         states = {state.name: count(study, (state,)) for state in TrialState
                   if count(study, (state,))}
@@ -238,4 +243,4 @@ class OptunaSweep:
                  + (_results.format_table(best, list(self.objectives)) if best
                     else "(no trial completed)"))
         log.info(f"klsweep: trials in {self.sweep_dir / 'trials.csv'}; "
-                 f"optuna-dashboard {self.storage_url}")
+                 f"optuna-dashboard {self.storage_url.shown}")

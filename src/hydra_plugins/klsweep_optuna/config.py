@@ -26,7 +26,11 @@ class KLSweepOptunaConf:
     # Optuna pruner's constructor. Pruning needs a single objective.
     pruner: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
     report_every: int = 5  # training steps between the values a run reports to the pruner
-    storage: str | None = None  # any Optuna storage URL; null: sqlite:///<sweep dir>/optuna.db
+    # null: sqlite:///<sweep dir>/optuna.db; any Optuna storage URL without a password (libpq
+    # finds PostgreSQL's in PGPASSFILE or ~/.pgpass); or env:NAME, the URL in the environment
+    # variable NAME, which the sweeper and its trials read (keeps a password out of configs,
+    # overrides and logs). ${oc.env:NAME} works too: trials then read KLSWEEP_STORAGE.
+    storage: str | None = None
     study_name: str | None = None  # null: the sweep dir's name
     max_failures: int | None = None  # FAIL trials after which the sweep stops; null: n_trials
     # A worker records each running trial's heartbeat every heartbeat_interval seconds; a RUNNING
