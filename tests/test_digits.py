@@ -1,10 +1,17 @@
 """The default task: its language, its reward and its cached reference model."""
 
 import torch
+from omegaconf import OmegaConf
 
-from klsweep.tasks.digits import DigitsConfig, DigitsTask
+from klsweep.models import build_models
+from klsweep.tasks.digits import DigitsConfig, DigitsTask, digit_reward
 
-MODEL = {"n_layer": 1, "n_head": 2, "n_embd": 16, "dropout": 0.0}
+MODEL = OmegaConf.create({"name": "tiny", "n_layer": 1, "n_head": 2, "n_embd": 16,
+                          "dropout": 0.0})
+
+
+def _reference(task: DigitsTask):
+    return build_models(MODEL, task)[1]
 
 
 def test_sequences_follow_the_language():
@@ -26,29 +33,28 @@ def test_sequences_follow_the_language():
 
 
 def test_reward_is_the_mean_digit_over_nine():
-    task = DigitsTask(DigitsConfig())
     completions = torch.tensor([[9, 9, 11, 11], [0, 9, 3, 11], [11, 11, 11, 11]])
     mask = torch.tensor([[True, True, True, False], [True, True, True, True],
                          [True, False, False, False]])
-    torch.testing.assert_close(task.reward(completions, mask), torch.tensor([1.0, 4 / 9, 0.0]))
+    torch.testing.assert_close(digit_reward(completions, mask), torch.tensor([1.0, 4 / 9, 0.0]))
 
 
 def test_the_reference_is_cached_and_a_miss_leaves_the_random_state_as_a_hit_does(tmp_path):
     task = DigitsTask(DigitsConfig(cache_dir=str(tmp_path), reference_steps=5,
                                    reference_batch_size=8))
     torch.manual_seed(0)
-    trained = task.reference_model(MODEL)
+    trained = _reference(task)
     after_miss = torch.rand(3)
     assert len(list(tmp_path.glob("digits-*.pt"))) == 1
     torch.manual_seed(0)
-    loaded = task.reference_model(MODEL)
+    loaded = _reference(task)
     after_hit = torch.rand(3)
     assert torch.equal(after_miss, after_hit)
     for a, b in zip(trained.state_dict().values(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     # the weights depend on the task's reference seed, not on the run's seed
     torch.manual_seed(1)
-    other = DigitsTask(DigitsConfig(cache_dir=str(tmp_path / "other"), reference_steps=5,
-                                    reference_batch_size=8)).reference_model(MODEL)
+    other = _reference(DigitsTask(DigitsConfig(cache_dir=str(tmp_path / "other"),
+                                               reference_steps=5, reference_batch_size=8)))
     for a, b in zip(trained.state_dict().values(), other.state_dict().values(), strict=True):
         assert torch.equal(a, b)

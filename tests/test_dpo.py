@@ -18,7 +18,6 @@ from klsweep.algos.dpo import (
     sequence_logratio,
 )
 from klsweep.config import ConfigError, compose_and_validate
-from klsweep.rollout import Rollout
 from tests.conftest import run_and_read
 
 
@@ -279,9 +278,7 @@ def test_deterministic_labels_prefer_the_higher_reward_and_break_ties_fairly():
 
 
 def test_order_pairs_puts_the_chosen_row_first():
-    rollout = Rollout(tokens=torch.arange(6)[:, None], mask=torch.ones(6, 1, dtype=torch.bool),
-                      old_logp=torch.zeros(6, 1), prompt_len=0)
-    order = order_pairs(rollout, torch.tensor([True, False, True]))
+    order = order_pairs(torch.tensor([True, False, True]))
     assert order.tolist() == [0, 1, 3, 2, 4, 5]
 
 

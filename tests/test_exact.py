@@ -14,8 +14,8 @@ from klsweep.algos.common import sequence_kl_coefficient
 from klsweep.algos.grpo import advantage_scale, group_advantages, grpo_loss
 from klsweep.config import ConfigError, compose_and_validate
 from klsweep.kl import kl_penalty_per_token
-from klsweep.models.tiny import TinyGPT
-from klsweep.rollout import completion_logits, generate, token_logprobs
+from klsweep.models.tiny import TinyGPT, TinyGPTConfig
+from klsweep.rollout import Prompts, generate, token_logprobs
 from klsweep.tasks.exact import ExactConfig, ExactTask
 
 EXACT_KEYS = ("kl", "reward", "objective", "optimal_objective", "optimal_kl", "optimal_reward",
@@ -26,7 +26,9 @@ def _peaked_model(task: ExactTask, seed: int = 0) -> TinyGPT:
     """A random tiny model with large tied embeddings, so that its next-token distributions
     are far from uniform (a flat one would hide a mismatch between sampler and enumeration)."""
     torch.manual_seed(seed)
-    model = TinyGPT(task.model_config({"n_layer": 1, "n_head": 2, "n_embd": 32, "dropout": 0.0}))
+    model = TinyGPT(TinyGPTConfig(vocab_size=task.vocab_size,
+                                  block_size=task.prompt_len + task.max_new_tokens,
+                                  n_layer=1, n_head=2, n_embd=32))
     with torch.no_grad():
         model.wte.weight.mul_(60.0)
     return model.eval()
@@ -35,7 +37,7 @@ def _peaked_model(task: ExactTask, seed: int = 0) -> TinyGPT:
 def test_the_sampler_never_stops_early_and_stays_in_the_enumerated_set():
     task = ExactTask(ExactConfig(vocab_size=4, completion_len=3, n_prompts=3))
     assert not 0 <= task.eos_id < task.vocab_size  # the sampler cannot emit it
-    rollout = generate(_peaked_model(task), task.prompts, n_per_prompt=200,
+    rollout = generate(_peaked_model(task), Prompts.unpadded(task.prompts), n_per_prompt=200,
                        max_new_tokens=task.max_new_tokens, eos_id=task.eos_id)
     assert rollout.mask.all()  # every completion has exactly completion_len tokens
     sampled = {tuple(row) for row in rollout.completions.tolist()}
@@ -53,8 +55,8 @@ def test_enumerated_logprobs_are_a_distribution_and_match_the_training_logprobs(
     tokens = torch.cat([task.prompts.repeat_interleave(len(task.completions), 0),
                         task.completions.repeat(2, 1)], dim=1)
     with torch.no_grad():
-        per_token = token_logprobs(completion_logits(model, tokens, task.prompt_len),
-                                   task.completions.repeat(2, 1))
+        logits = model.completion_logits(tokens, None, task.prompt_len)
+        per_token = token_logprobs(logits, task.completions.repeat(2, 1))
     np.testing.assert_allclose(table.reshape(-1), per_token.sum(-1).double().numpy(), atol=1e-4)
 
 
@@ -64,21 +66,21 @@ def test_sampled_frequencies_follow_the_enumerated_probabilities():
     probs = np.exp(task.sequence_logprobs(model)[0])
     n = 20000
     torch.manual_seed(3)
-    rollout = generate(model, task.prompts, n_per_prompt=n, max_new_tokens=3,
+    rollout = generate(model, Prompts.unpadded(task.prompts), n_per_prompt=n, max_new_tokens=3,
                        eos_id=task.eos_id)
     index = (rollout.completions * torch.tensor([16, 4, 1])).sum(1).numpy()  # lexicographic
     freq = np.bincount(index, minlength=len(probs)) / n
     # each frequency is a binomial mean: 5 standard errors, √(p(1−p)/n), plus float slack
     assert (np.abs(freq - probs) <= 5 * np.sqrt(probs * (1 - probs) / n) + 1e-6).all()
     reward = task.rewards.numpy()
-    mean_reward = float(task.reward(rollout.completions, rollout.mask).mean())
+    mean_reward = float(task.reward(rollout).mean())
     assert mean_reward == pytest.approx(probs @ reward, abs=5 * reward.std() / math.sqrt(n))
 
 
 def test_prompts_are_distinct_and_sampled_from_the_fixed_set():
     task = ExactTask(ExactConfig(vocab_size=3, prompt_len=2, n_prompts=9))
     assert len({tuple(p) for p in task.prompts.tolist()}) == 9  # all 3² prompts
-    drawn = task.sample_prompts(50, torch.Generator().manual_seed(0))
+    drawn = task.sample_prompts(50, torch.Generator().manual_seed(0)).tokens
     assert {tuple(p) for p in drawn.tolist()} <= {tuple(p) for p in task.prompts.tolist()}
 
 
@@ -87,7 +89,7 @@ def test_reward_is_the_mean_token_value_scaled_to_reward_scale():
     mask = torch.ones(3, 4, dtype=torch.bool)
     for scale in (1.0, 10.0):
         task = ExactTask(ExactConfig(vocab_size=6, completion_len=4, reward_scale=scale))
-        torch.testing.assert_close(task.reward(completions, mask),
+        torch.testing.assert_close(task.completion_reward(completions, mask),
                                    scale * torch.tensor([1.0, 0.0, 0.5]))
 
 

@@ -1,9 +1,11 @@
 """The tiny GPT's KV cache, and batched sampling."""
 
+from dataclasses import replace
+
 import torch
 
 from klsweep.models.tiny import TinyGPT, TinyGPTConfig
-from klsweep.rollout import completion_logits, generate, token_logprobs
+from klsweep.rollout import Prompts, completion_logits, generate, token_logprobs
 
 
 def _model(seed: int = 0) -> TinyGPT:
@@ -17,8 +19,8 @@ def test_cached_decoding_equals_uncached_decoding():
     tokens = torch.randint(0, 11, (3, 12))
     full = model(tokens)
     cache = model.new_cache(3, 12)
-    steps = [model(tokens[:, :5], cache)]  # prefill, then one token at a time
-    steps += [model(tokens[:, t:t + 1], cache) for t in range(5, 12)]
+    steps = [model(tokens[:, :5], cache=cache)]  # prefill, then one token at a time
+    steps += [model(tokens[:, t:t + 1], cache=cache) for t in range(5, 12)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
@@ -26,10 +28,10 @@ def test_shared_prefill_equals_one_prefill_per_row():
     model = _model(1)
     prompts = torch.randint(0, 11, (2, 4))
     cache = model.new_cache(2, 6)
-    model(prompts, cache)
+    model(prompts, cache=cache)
     shared = cache.repeat_interleave(3)
     next_tokens = torch.randint(0, 11, (6, 1))
-    got = model(next_tokens, shared)
+    got = model(next_tokens, cache=shared)
     want = model(torch.cat([prompts.repeat_interleave(3, 0), next_tokens], 1))[:, -1:]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -38,8 +40,8 @@ def test_generate_masks_after_eos_and_logs_the_sampling_logprobs():
     model = _model(2)
     torch.manual_seed(3)
     prompts = torch.randint(0, 10, (4, 3))
-    rollout = generate(model, prompts, n_per_prompt=5, max_new_tokens=10, eos_id=10,
-                       temperature=0.7)
+    rollout = generate(model, Prompts.unpadded(prompts), n_per_prompt=5, max_new_tokens=10,
+                       eos_id=10, temperature=0.7)
     assert rollout.tokens.shape[0] == 20
     completions, mask = rollout.completions, rollout.mask
     for row, keep in zip(completions.tolist(), mask.tolist(), strict=True):
@@ -50,7 +52,7 @@ def test_generate_masks_after_eos_and_logs_the_sampling_logprobs():
         assert all(t == 10 for t in row[n:])                  # the rest is padding
     # rows are grouped by prompt
     assert torch.equal(rollout.tokens[:5, :3], prompts[0].expand(5, 3))
-    logits = completion_logits(model, rollout.tokens, rollout.prompt_len, temperature=0.7)
+    logits = completion_logits(model, replace(rollout, group_size=1), temperature=0.7)
     logp = token_logprobs(logits, completions)
     torch.testing.assert_close(rollout.old_logp, logp * mask, rtol=1e-4, atol=1e-5)
 
@@ -59,9 +61,10 @@ def test_grouped_completion_logits_equal_one_pass_per_row():
     model = _model(4).train()  # with gradient, as in the policy update
     torch.manual_seed(5)
     prompts = torch.randint(0, 10, (3, 4))
-    rollout = generate(model, prompts, n_per_prompt=4, max_new_tokens=6, eos_id=10)
-    grouped = completion_logits(model, rollout.tokens, rollout.prompt_len, group_size=4)
-    plain = completion_logits(model, rollout.tokens, rollout.prompt_len)
+    rollout = generate(model, Prompts.unpadded(prompts), n_per_prompt=4, max_new_tokens=6,
+                       eos_id=10)
+    grouped = completion_logits(model, rollout)
+    plain = completion_logits(model, replace(rollout, group_size=1))
     torch.testing.assert_close(grouped, plain, rtol=1e-5, atol=1e-5)
     # the gradient through the shared prompt sums over its group
     weights = torch.randn_like(plain)

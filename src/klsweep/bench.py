@@ -20,10 +20,13 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from klsweep.config import compose_and_validate
+from klsweep.config import build_schedule, compose_and_validate
 from klsweep.models.tiny import TinyGPT, TinyGPTConfig
 from klsweep.module import KLPolicyModule
+from klsweep.policy import PolicyPair
+from klsweep.rollout import Prompts, Rollout
 from klsweep.tasks.base import Task
+from klsweep.train import kl_settings
 
 
 class SpeedTask(Task):
@@ -38,11 +41,12 @@ class SpeedTask(Task):
         self.prompt_len = prompt_len
         self.max_new_tokens = max_new_tokens
 
-    def sample_prompts(self, n: int, generator: torch.Generator) -> Tensor:
-        return torch.randint(0, self.vocab_size, (n, self.prompt_len), generator=generator)
+    def sample_prompts(self, n: int, generator: torch.Generator) -> Prompts:
+        return Prompts.unpadded(torch.randint(0, self.vocab_size, (n, self.prompt_len),
+                                              generator=generator))
 
-    def reward(self, completions: Tensor, mask: Tensor) -> Tensor:
-        return ((completions % 2 == 0) & mask).float().mean(1)
+    def reward(self, rollout: Rollout) -> Tensor:
+        return ((rollout.completions % 2 == 0) & rollout.mask).float().mean(1)
 
 
 def measure(algo: str, steps: int, warmup: int, threads: int, overrides: list[str]) -> dict:
@@ -59,7 +63,12 @@ def measure(algo: str, steps: int, warmup: int, threads: int, overrides: list[st
     reference.load_state_dict(policy.state_dict())
     from klsweep.algos import ALGORITHMS
 
-    module = KLPolicyModule(cfg, task, policy, reference, ALGORITHMS[algo](cfg.algo))
+    pair = PolicyPair(policy, reference.requires_grad_(False), kl_settings(cfg.kl),
+                      temperature=cfg.rollout.temperature, max_new_tokens=task.max_new_tokens,
+                      eos_id=task.eos_id)
+    module = KLPolicyModule(pair, task, ALGORITHMS[algo](cfg.algo), build_schedule(cfg.kl),
+                            steps=cfg.steps, seed=cfg.seed, optim=cfg.optim,
+                            kl_target=cfg.kl.target, kl_max=cfg.kl.max)
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         accelerator=cfg.trainer.accelerator, devices=1,

@@ -1,4 +1,6 @@
-"""Batched sampling with a KV cache, and the per-token log-probabilities of sampled tokens."""
+"""Prompts and sampled completions, batched sampling with a KV cache, and the per-token
+log-probabilities of sampled tokens. Works with any model of the interface in
+``models/base.py``."""
 
 from __future__ import annotations
 
@@ -7,52 +9,113 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from klsweep.models.tiny import SharedPrefix, TinyGPT
+from klsweep.models.base import CausalLM
+
+
+@dataclass
+class Prompts:
+    """A batch of prompts: ``tokens`` [n, P], left-padded where ``mask`` [n, P] is False,
+    and ``index`` [n], which of the task's prompts each row is (None where the task needs
+    no per-prompt data to score a completion)."""
+
+    tokens: Tensor
+    mask: Tensor
+    index: Tensor | None = None
+
+    @classmethod
+    def unpadded(cls, tokens: Tensor) -> Prompts:
+        return cls(tokens, torch.ones_like(tokens, dtype=torch.bool))
+
+    @property
+    def padded(self) -> bool:
+        return not bool(self.mask.all())
+
+    def to(self, device: torch.device) -> Prompts:
+        return Prompts(self.tokens.to(device), self.mask.to(device),
+                       None if self.index is None else self.index.to(device))
 
 
 @dataclass
 class Rollout:
-    """Sampled completions. ``tokens`` [B, P+N] holds prompt and completion; ``mask`` [B, N]
-    marks the completion tokens up to and including EOS; ``old_logp`` [B, N] are their
-    log-probabilities under the sampling policy (temperature applied). Rows come in
-    consecutive groups of ``group_size`` that share one prompt."""
+    """Sampled completions. ``tokens`` [B, P+N] holds prompt and completion; ``prompt_mask``
+    [B, P] is False on the prompts' left padding; ``mask`` [B, N] marks the completion tokens
+    up to and including EOS; ``old_logp`` [B, N] are their log-probabilities under the
+    sampling policy (temperature applied). Rows come in consecutive groups of
+    ``group_size`` that share one prompt; ``prompt_index`` [B] says which task prompt."""
 
     tokens: Tensor
+    prompt_mask: Tensor
     mask: Tensor
     old_logp: Tensor
-    prompt_len: int
     group_size: int = 1
+    prompt_index: Tensor | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return self.prompt_mask.shape[1]
 
     @property
     def completions(self) -> Tensor:
         return self.tokens[:, self.prompt_len:]
 
     @property
-    def n_tokens(self) -> int:
-        return int(self.mask.sum().item())
+    def prompts(self) -> Tensor:
+        return self.tokens[:, :self.prompt_len]
+
+    @property
+    def attention_mask(self) -> Tensor | None:
+        """[B, P+N] for the model passes, or None when no prompt is padded. Completion
+        tokens after EOS stay visible: causal attention keeps them out of every earlier
+        position, and the loss masks them."""
+        if bool(self.prompt_mask.all()):
+            return None
+        return torch.cat([self.prompt_mask, torch.ones_like(self.mask)], dim=1)
+
+    def rows(self, index: Tensor, group_size: int = 1) -> Rollout:
+        """The rows ``index``; ``group_size`` says how the selected rows still share
+        prompts (1: no sharing assumed)."""
+        return Rollout(tokens=self.tokens[index], prompt_mask=self.prompt_mask[index],
+                       mask=self.mask[index], old_logp=self.old_logp[index],
+                       group_size=group_size,
+                       prompt_index=None if self.prompt_index is None
+                       else self.prompt_index[index])
+
+    @staticmethod
+    def cat(parts: list[Rollout]) -> Rollout:
+        """Rollouts of one prompt width stacked by rows."""
+        index = [p.prompt_index for p in parts]
+        return Rollout(tokens=torch.cat([p.tokens for p in parts]),
+                       prompt_mask=torch.cat([p.prompt_mask for p in parts]),
+                       mask=torch.cat([p.mask for p in parts]),
+                       old_logp=torch.cat([p.old_logp for p in parts]),
+                       group_size=parts[0].group_size,
+                       prompt_index=None if any(i is None for i in index) else torch.cat(index))
 
 
 @torch.no_grad()
-def generate(model: TinyGPT, prompts: Tensor, *, n_per_prompt: int, max_new_tokens: int,
+def generate(model: CausalLM, prompts: Prompts, *, n_per_prompt: int, max_new_tokens: int,
              eos_id: int, temperature: float = 1.0) -> Rollout:
-    """Sample ``n_per_prompt`` completions of each prompt [n, P] (rows grouped by prompt).
+    """Sample ``n_per_prompt`` completions of each prompt (rows grouped by prompt).
 
     The prompts are prefilled once and their cache shared by their group; each decoding step
     is one batched forward of one token. Finished rows keep emitting EOS (masked out), and
     sampling stops when every row is finished.
     """
-    n_prompts, prompt_len = prompts.shape
+    n_prompts, prompt_len = prompts.tokens.shape
     batch = n_prompts * n_per_prompt
+    padded = prompts.padded
     cache = model.new_cache(n_prompts, prompt_len + max_new_tokens)
-    logits = model(prompts, cache)[:, -1]
+    logits = model(prompts.tokens, prompts.mask if padded else None, cache)[:, -1]
     cache = cache.repeat_interleave(n_per_prompt)
     logits = logits.repeat_interleave(n_per_prompt, dim=0)
+    prompt_mask = prompts.mask.repeat_interleave(n_per_prompt, dim=0)
 
-    device = prompts.device
+    device = prompts.tokens.device
     new_tokens = torch.full((batch, max_new_tokens), eos_id, dtype=torch.long, device=device)
     old_logp = torch.zeros(batch, max_new_tokens, device=device)
     mask = torch.zeros(batch, max_new_tokens, dtype=torch.bool, device=device)
     alive = torch.ones(batch, dtype=torch.bool, device=device)
+    attention = (torch.cat([prompt_mask, torch.ones_like(mask)], dim=1) if padded else None)
     for t in range(max_new_tokens):
         logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
         token = torch.multinomial(logp_all.exp(), 1).squeeze(1)
@@ -63,28 +126,23 @@ def generate(model: TinyGPT, prompts: Tensor, *, n_per_prompt: int, max_new_toke
         alive = alive & (token != eos_id)
         if t + 1 == max_new_tokens or not bool(alive.any()):
             break
-        logits = model(token[:, None], cache)[:, -1]
+        step_mask = None if attention is None else attention[:, :prompt_len + t + 1]
+        logits = model(token[:, None], step_mask, cache)[:, -1]
     old_logp = old_logp * mask
-    tokens = torch.cat([prompts.repeat_interleave(n_per_prompt, dim=0), new_tokens], dim=1)
-    return Rollout(tokens=tokens, mask=mask, old_logp=old_logp, prompt_len=prompt_len,
-                   group_size=n_per_prompt)
+    tokens = torch.cat([prompts.tokens.repeat_interleave(n_per_prompt, dim=0), new_tokens], dim=1)
+    index = (None if prompts.index is None
+             else prompts.index.repeat_interleave(n_per_prompt, dim=0))
+    return Rollout(tokens=tokens, prompt_mask=prompt_mask, mask=mask, old_logp=old_logp,
+                   group_size=n_per_prompt, prompt_index=index)
 
 
-def completion_logits(model: TinyGPT, tokens: Tensor, prompt_len: int,
-                      temperature: float = 1.0, group_size: int = 1) -> Tensor:
-    """Logits [B, N, vocab] that predict each completion token of ``tokens`` [B, P+N],
-    divided by the sampling temperature so that they describe the distribution the tokens
-    were drawn from. With ``group_size`` > 1, rows come in groups that share a prompt, and
-    each prompt is computed once for its group (a third of the work at 8 prompt tokens)."""
-    if group_size > 1:
-        prefix = SharedPrefix(group_size)
-        prompts = tokens[::group_size, :prompt_len]
-        last_prompt = model(prompts, prefix, record=True)[:, -1:]
-        rest = model(tokens[:, prompt_len:-1], prefix)
-        logits = torch.cat([last_prompt.repeat_interleave(group_size, dim=0), rest], dim=1)
-    else:
-        logits = model(tokens[:, :-1])[:, prompt_len - 1:]
-    return logits.float() / temperature if temperature != 1.0 else logits.float()
+def completion_logits(model: CausalLM, rollout: Rollout, temperature: float = 1.0) -> Tensor:
+    """Logits [B, N, vocab] that predict each completion token of ``rollout``, in float32 and
+    divided by the sampling temperature, so that they describe the distribution the tokens
+    were drawn from."""
+    logits = model.completion_logits(rollout.tokens, rollout.attention_mask,
+                                     rollout.prompt_len, rollout.group_size).float()
+    return logits / temperature if temperature != 1.0 else logits
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:

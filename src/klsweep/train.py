@@ -3,7 +3,6 @@ metrics (the values a sweeper optimises)."""
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 import warnings
@@ -18,8 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 from optuna import TrialPruned
 
 from klsweep.algos import ALGORITHMS
-from klsweep.config import validate
-from klsweep.module import KLPolicyModule, RunFailed
+from klsweep.config import build_schedule, validate
+from klsweep.errors import RunFailed
+from klsweep.models import build_models
+from klsweep.module import KLPolicyModule
+from klsweep.policy import KLSettings, PolicyPair
 from klsweep.records import (
     JsonlLogger,
     make_wandb_logger,
@@ -32,19 +34,27 @@ from klsweep.tasks import build_task
 from klsweep.tracking import run_tracking
 
 log = logging.getLogger("klsweep")
-MODEL_KEYS = ("n_layer", "n_head", "n_embd", "dropout")
 
 
 def run_name(cfg: DictConfig) -> str:
     return cfg.name or f"{cfg.algo.name}-{cfg.kl.estimator}-{cfg.kl.schedule.name}-s{cfg.seed}"
 
 
+def kl_settings(kl: DictConfig) -> KLSettings:
+    return KLSettings(estimator=kl.estimator, placement=kl.placement, unit=kl.unit,
+                      gradient=kl.gradient, is_correction=kl.is_correction, clamp=kl.clamp)
+
+
 def build_module(cfg: DictConfig) -> KLPolicyModule:
+    """Config → task, policy pair, algorithm and schedule → the LightningModule."""
     task = build_task(cfg.task)
-    reference = task.reference_model({k: cfg.model[k] for k in MODEL_KEYS})
-    policy = copy.deepcopy(reference).train().requires_grad_(True)
-    algorithm = ALGORITHMS[cfg.algo.name](cfg.algo)
-    return KLPolicyModule(cfg, task, policy, reference, algorithm)
+    policy, reference = build_models(cfg.model, task)
+    pair = PolicyPair(policy, reference, kl_settings(cfg.kl),
+                      temperature=cfg.rollout.temperature,
+                      max_new_tokens=task.max_new_tokens, eos_id=task.eos_id)
+    return KLPolicyModule(pair, task, ALGORITHMS[cfg.algo.name](cfg.algo), build_schedule(cfg.kl),
+                          steps=cfg.steps, seed=cfg.seed, optim=cfg.optim,
+                          kl_target=cfg.kl.target, kl_max=cfg.kl.max)
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path, group: str | None) -> list:
@@ -107,7 +117,8 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
         status, reason, error = "failed", f"{type(err).__name__}: {err}", err
     fit_s = time.perf_counter() - fit_started
     try:
-        module.task.finalize(module, run_dir)
+        if trainer.global_rank == 0:
+            module.task.finalize(module.pair, run_dir)
     except Exception as err:  # a run whose record fails to write has failed too
         if error is None:
             status, reason, error = "failed", f"{type(err).__name__}: {err}", err

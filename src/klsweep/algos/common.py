@@ -1,11 +1,19 @@
-"""Pieces that several algorithms share: the clipped ratio surrogate and loss aggregation."""
+"""What the algorithms share: the step's interface (``Algorithm``, ``StepResult``), the
+sample-and-score prelude, the clipped ratio surrogate and loss aggregation."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from klsweep.kl import masked_mean
+from klsweep.policy import Measurement, PolicyPair, Scored
+from klsweep.rollout import Prompts
+from klsweep.tasks.base import Task
 
 
 def aggregate(values: Tensor, mask: Tensor, loss_agg: str) -> Tensor:
@@ -45,3 +53,60 @@ def sequence_kl_coefficient(placement: str, beta: float, advantage_scale: float 
     if placement == "none":
         return 0.0
     return beta * advantage_scale
+
+
+@dataclass
+class StepResult:
+    """What one step of an algorithm gives the training loop."""
+
+    metrics: dict[str, float]
+    kl: float          # in kl.unit: what the schedule steers
+    n_samples: int     # fresh samples it was measured on; 0 leaves β where it is
+    beta_seq: float    # the coefficient on sequence KL this step applied
+
+
+Optimize = Callable[[Tensor], None]
+
+
+@dataclass
+class FreshSamples:
+    """Completions just sampled from the policy, scored by both models and the task."""
+
+    scored: Scored
+    rewards: Tensor
+    measurement: Measurement
+
+
+def sample_and_score(pair: PolicyPair, task: Task, prompts: Prompts, n_per_prompt: int, *,
+                     grad: bool = True) -> FreshSamples:
+    """The prelude every algorithm shares: sample → reward → both models' log-probs → the
+    step's KL and reward statistics."""
+    rollout = pair.sample(prompts, n_per_prompt)
+    rewards = task.reward(rollout)
+    scored = pair.score(rollout, grad=grad)
+    return FreshSamples(scored, rewards, pair.measure(scored, rewards))
+
+
+class Algorithm:
+    """What the training loop calls. Subclasses implement ``step``; ``setup`` builds any
+    trainable part of their own (PPO's value head), which trains beside the policy."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    def setup(self, pair: PolicyPair, seed: int) -> nn.Module | None:
+        return None
+
+    def prompts_per_step(self) -> int:
+        return self.config.prompts_per_step
+
+    def step(self, pair: PolicyPair, task: Task, prompts: Prompts, beta: float,
+             optimize: Optimize) -> StepResult:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """The algorithm's own state beyond its trainable module (saved in checkpoints)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

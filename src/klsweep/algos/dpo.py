@@ -15,17 +15,17 @@ such samples), every ``algo.eval_every`` steps offline.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from klsweep.algos.common import Algorithm, Optimize, StepResult, sample_and_score
 from klsweep.kl import masked_sum
-from klsweep.rollout import Rollout, generate
-
-if TYPE_CHECKING:
-    from klsweep.module import KLPolicyModule
+from klsweep.policy import Measurement, PolicyPair
+from klsweep.rollout import Prompts, Rollout
+from klsweep.tasks.base import Task
 
 LOSSES = ("sigmoid", "robust", "ipo", "hinge")
 LABELS = ("bradley_terry", "deterministic")
@@ -123,19 +123,12 @@ def dpo_loss(chosen_logratio: Tensor, rejected_logratio: Tensor, beta: float,
     return losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
 
 
-def order_pairs(rollout: Rollout, a_preferred: Tensor) -> Tensor:
-    """Row order [2B] that puts each pair (rows 2i, 2i+1) as chosen then rejected."""
-    first = torch.arange(0, rollout.tokens.shape[0], 2, device=a_preferred.device)
+def order_pairs(a_preferred: Tensor) -> Tensor:
+    """Row order [2B] that puts each pair (rows 2i, 2i+1) as chosen then rejected, given
+    whether each pair's first row is preferred [B]."""
+    first = 2 * torch.arange(a_preferred.shape[0], device=a_preferred.device)
     chosen = torch.where(a_preferred, first, first + 1)
     return torch.stack([chosen, 2 * first - chosen + 1], dim=1).reshape(-1)
-
-
-def _rows(rollout: Rollout, index: Tensor) -> Rollout:
-    """The rows ``index`` of ``rollout``, which keeps each pair's two rows together: a pair
-    shares its prompt, so the model passes compute each prompt once per pair."""
-    return Rollout(tokens=rollout.tokens[index], mask=rollout.mask[index],
-                   old_logp=rollout.old_logp[index], prompt_len=rollout.prompt_len,
-                   group_size=2)
 
 
 @dataclass
@@ -151,118 +144,113 @@ class PreferencePairs:
         return self.rollout.tokens.shape[0] // 2
 
     def pairs(self, index: Tensor) -> PreferencePairs:
+        """The pairs ``index``; each pair's two rows stay together, and since a pair shares
+        its prompt, the model passes compute each prompt once per pair."""
         rows = torch.stack([2 * index, 2 * index + 1], dim=1).reshape(-1)
-        return PreferencePairs(_rows(self.rollout, rows), self.rewards[rows],
+        return PreferencePairs(self.rollout.rows(rows, group_size=2), self.rewards[rows],
                                self.ref_logp[rows])
 
 
-class DPO:
-    """The DPO step, orchestrated through the module's services."""
+class DPO(Algorithm):
+    """The DPO step on the policy pair."""
 
-    def __init__(self, config) -> None:
-        self.config = config
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
         self.dataset: PreferencePairs | None = None
         self.order = torch.empty(0, dtype=torch.long)
-        self.last_eval: dict[str, float] = {}
+        self.last_measurement: Measurement | None = None
+        self.steps_done = 0
+
+    def setup(self, pair: PolicyPair, seed: int) -> nn.Module | None:
+        self.seed = seed  # the offline data set's prompts and samples come from it
+        return None
 
     def prompts_per_step(self) -> int:
         c = self.config
         return c.pairs_per_step if c.online else c.eval_prompts
 
-    def beta_seq(self, m: KLPolicyModule, beta: float, metrics: dict[str, float]) -> float:
-        """DPO solves max E[r] − β·KL(π‖π_ref) over sequences: β is the sequence coefficient."""
-        return beta
-
     # --- pairs --------------------------------------------------------------------------------
-    def _labelled(self, m: KLPolicyModule, rollout: Rollout) -> tuple[Rollout, Tensor]:
-        """The pairs (rows 2i, 2i+1) of ``rollout`` labelled from the task reward and
-        reordered chosen, rejected; and the reordered rewards."""
-        rewards = m.task.reward(rollout.completions, rollout.mask)
-        a_preferred = preference_labels(rewards[0::2], rewards[1::2], self.config.labels)
-        order = order_pairs(rollout, a_preferred)
-        return _rows(rollout, order), rewards[order]
+    def _label_order(self, rewards: Tensor) -> Tensor:
+        """Row order putting each sampled pair (rows 2i, 2i+1) as chosen, rejected."""
+        return order_pairs(preference_labels(rewards[0::2], rewards[1::2], self.config.labels))
 
     @torch.no_grad()
-    def _reference_dataset(self, m: KLPolicyModule) -> PreferencePairs:
+    def _reference_dataset(self, pair: PolicyPair, task: Task) -> PreferencePairs:
         """``dataset_pairs`` pairs of π_ref samples on fresh prompts, labelled once, with
         their reference log-probs computed once."""
-        c, task = self.config, m.task
-        generator = torch.Generator().manual_seed(m.cfg.seed)
+        c = self.config
+        generator = torch.Generator().manual_seed(self.seed)
         chunks = []
         for start in range(0, c.dataset_pairs, _DATASET_CHUNK):
             n = min(_DATASET_CHUNK, c.dataset_pairs - start)
-            prompts = task.sample_prompts(n, generator).to(m.device)
-            m.reference.eval()
-            rollout, rewards = self._labelled(m, generate(
-                m.reference, prompts, n_per_prompt=2, max_new_tokens=task.max_new_tokens,
-                eos_id=task.eos_id, temperature=m.cfg.rollout.temperature))
-            _, ref_logp = m.reference_logprobs(rollout)
-            chunks.append(PreferencePairs(rollout, rewards, masked_sum(ref_logp, rollout.mask)))
-        rollout = Rollout(tokens=torch.cat([p.rollout.tokens for p in chunks]),
-                          mask=torch.cat([p.rollout.mask for p in chunks]),
-                          old_logp=torch.cat([p.rollout.old_logp for p in chunks]),
-                          prompt_len=chunks[0].rollout.prompt_len, group_size=2)
-        return PreferencePairs(rollout, torch.cat([p.rewards for p in chunks]),
+            sampled = pair.sample_reference(task.sample_prompts(n, generator).to(pair.device), 2)
+            rewards = task.reward(sampled)
+            order = self._label_order(rewards)
+            rollout = sampled.rows(order, group_size=2)
+            _, ref_logp = pair.reference_logprobs(rollout)
+            chunks.append(PreferencePairs(rollout, rewards[order],
+                                          masked_sum(ref_logp, rollout.mask)))
+        return PreferencePairs(Rollout.cat([p.rollout for p in chunks]),
+                               torch.cat([p.rewards for p in chunks]),
                                torch.cat([p.ref_logp for p in chunks]))
 
-    def _next_offline_batch(self, m: KLPolicyModule) -> PreferencePairs:
+    def _next_offline_batch(self, pair: PolicyPair, task: Task) -> PreferencePairs:
         """The next ``pairs_per_step`` pairs of the data set, in a fresh order each epoch."""
         if self.dataset is None:
-            self.dataset = self._reference_dataset(m)
+            self.dataset = self._reference_dataset(pair, task)
         n = self.config.pairs_per_step
         while self.order.numel() < n:
             self.order = torch.cat([self.order, torch.randperm(len(self.dataset))])
         index, self.order = self.order[:n], self.order[n:]
-        return self.dataset.pairs(index.to(m.device))
-
-    # --- measurement --------------------------------------------------------------------------
-    @torch.no_grad()
-    def _evaluate(self, m: KLPolicyModule, prompts: Tensor) -> dict[str, float]:
-        """KL and reward of fresh policy samples, with the keys every algorithm logs."""
-        rollout = m.sample(prompts, self.config.eval_samples_per_prompt)
-        rewards = m.task.reward(rollout.completions, rollout.mask)
-        ref_logits, ref_logp = m.reference_logprobs(rollout)
-        logits, logp = m.policy_logprobs(rollout)
-        return m.rollout_metrics(rollout, rewards, logits, logp, ref_logits, ref_logp)
+        return self.dataset.pairs(index.to(pair.device))
 
     # --- the step -----------------------------------------------------------------------------
-    def step(self, m: KLPolicyModule, prompts: Tensor) -> dict[str, float]:
+    def step(self, pair: PolicyPair, task: Task, prompts: Prompts, beta: float,
+             optimize: Optimize) -> StepResult:
         if self.config.online:
-            rollout, rewards = self._labelled(m, m.sample(prompts, 2))
-            ref_logits, ref_logp = m.reference_logprobs(rollout)
-            logits, logp = m.policy_logprobs(rollout)
             # the pairs are fresh policy samples: KL and reward are measured on them, pre-update
-            metrics = m.rollout_metrics(rollout, rewards, logits.detach(), logp.detach(),
-                                        ref_logits, ref_logp)
-            batch = PreferencePairs(rollout, rewards, masked_sum(ref_logp, rollout.mask))
+            fresh = sample_and_score(pair, task, prompts, 2)
+            order = self._label_order(fresh.rewards)
+            scored = fresh.scored.rows(order, group_size=2)
+            measurement = fresh.measurement
+            metrics = dict(measurement.metrics)
+            batch = PreferencePairs(scored.rollout, fresh.rewards[order],
+                                    masked_sum(scored.ref_logp, scored.mask))
+            logp = scored.logp
         else:
-            metrics = self._offline_measurement(m, prompts)
-            batch = self._next_offline_batch(m)
-            _, logp = m.policy_logprobs(batch.rollout)
+            measurement, fresh_eval = self._offline_measurement(pair, task, prompts)
+            metrics = {**measurement.metrics, "dpo/fresh_eval": float(fresh_eval)}
+            batch = self._next_offline_batch(pair, task)
+            _, logp = pair.policy_logprobs(batch.rollout)
             # tokens this step handled: those sampled to measure, plus the pairs trained on
             metrics["perf/tokens"] += float(batch.rollout.mask.sum())
-        metrics.update(self._update(m, batch, logp))
-        return metrics
+        metrics.update(self._update(batch, logp, beta, optimize))
+        self.steps_done += 1
+        # DPO solves max E[r] − β·KL(π‖π_ref) over sequences: β is the sequence coefficient
+        return StepResult(metrics, measurement.kl, measurement.n_samples, beta)
 
-    def _offline_measurement(self, m: KLPolicyModule, prompts: Tensor) -> dict[str, float]:
-        """A fresh measurement every ``eval_every`` steps; between them the last one is
-        carried with ``perf/samples`` = 0, which says that nothing was sampled (and makes the
-        adaptive schedule leave β where it is)."""
-        if m.step_count % self.config.eval_every == 0 or not self.last_eval:
-            self.last_eval = self._evaluate(m, prompts)
-            return {**self.last_eval, "dpo/fresh_eval": 1.0}
-        return {**self.last_eval, "perf/samples": 0.0, "perf/tokens": 0.0,
-                "dpo/fresh_eval": 0.0}
+    def _offline_measurement(self, pair: PolicyPair, task: Task,
+                             prompts: Prompts) -> tuple[Measurement, bool]:
+        """KL and reward of fresh policy samples every ``eval_every`` steps; between them the
+        last measurement is carried with no samples, so the schedule leaves β where it is."""
+        if self.steps_done % self.config.eval_every == 0 or self.last_measurement is None:
+            fresh = sample_and_score(pair, task, prompts, self.config.eval_samples_per_prompt,
+                                     grad=False)
+            self.last_measurement = fresh.measurement
+            return fresh.measurement, True
+        return self.last_measurement.carried(), False
 
-    def _update(self, m: KLPolicyModule, batch: PreferencePairs,
-                logp: Tensor) -> dict[str, float]:
+    def _update(self, batch: PreferencePairs, logp: Tensor, beta: float,
+                optimize: Optimize) -> dict[str, float]:
         """One optimiser step on the DPO loss of ``batch``, given the policy's log-probs."""
-        c, beta = self.config, m.schedule.beta
-        logratio = (masked_sum(logp, batch.rollout.mask) - batch.ref_logp).view(-1, 2)
+        c = self.config
+        per_token = c.loss == "ipo" and c.ipo_normalize
+        logratio = sequence_logratio(logp, batch.ref_logp, batch.rollout.mask,
+                                     per_token=per_token).view(-1, 2)
         losses, chosen, rejected = dpo_loss(logratio[:, 0], logratio[:, 1], beta, c.loss,
                                             c.label_smoothing)
         loss = losses.mean()
-        m.optimize(loss)
+        optimize(loss)
         scores = batch.rewards.view(-1, 2)
         return {
             "loss/dpo": float(loss.detach()),
@@ -274,3 +262,9 @@ class DPO:
             "dpo/score_gap": float((scores[:, 0] - scores[:, 1]).mean()),
             "dpo/pairs": float(scores.shape[0]),
         }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"order": self.order, "steps_done": self.steps_done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.order, self.steps_done = state["order"], state["steps_done"]

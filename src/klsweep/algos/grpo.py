@@ -7,16 +7,22 @@ The step reads top to bottom: sample groups → reward → reference log-probs �
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
-from klsweep.algos.common import aggregate, clipped_surrogate, sequence_kl_coefficient
+from klsweep.algos.common import (
+    Algorithm,
+    Optimize,
+    StepResult,
+    aggregate,
+    clipped_surrogate,
+    sample_and_score,
+    sequence_kl_coefficient,
+)
 from klsweep.kl import masked_sum
-
-if TYPE_CHECKING:
-    from klsweep.module import KLPolicyModule
+from klsweep.policy import PolicyPair
+from klsweep.rollout import Prompts
+from klsweep.tasks.base import Task
 
 
 def _advantage_divisor(rewards: Tensor, group_size: int, scale: str, eps: float) -> Tensor:
@@ -66,51 +72,40 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
     return loss, stats
 
 
-class GRPO:
-    """The GRPO step, orchestrated through the module's services."""
+class GRPO(Algorithm):
+    """The GRPO step on the policy pair."""
 
-    def __init__(self, config) -> None:
-        self.config = config
-
-    def prompts_per_step(self) -> int:
-        return self.config.prompts_per_step
-
-    def beta_seq(self, m: KLPolicyModule, beta: float, metrics: dict[str, float]) -> float:
-        """The coefficient on sequence-level KL that this step applies for ``beta``: β in the
-        reward; in the loss β times the advantages' divisor, since the surrogate and the KL
-        term are aggregated alike (see ``sequence_kl_coefficient``)."""
-        return sequence_kl_coefficient(m.cfg.kl.placement, beta,
-                                       metrics["policy/advantage_scale"])
-
-    def step(self, m: KLPolicyModule, prompts: Tensor) -> dict[str, float]:
-        c, kl_cfg = self.config, m.cfg.kl
-        rollout = m.sample(prompts, c.group_size)
-        completions, mask = rollout.completions, rollout.mask
-        rewards = m.task.reward(completions, mask)
-        ref_logits, ref_logp = m.reference_logprobs(rollout)
-        logits, logp = m.policy_logprobs(rollout)
-        metrics = m.rollout_metrics(rollout, rewards, logits.detach(), logp.detach(),
-                                    ref_logits, ref_logp)
-        beta = m.schedule.beta
+    def step(self, pair: PolicyPair, task: Task, prompts: Prompts, beta: float,
+             optimize: Optimize) -> StepResult:
+        c, placement = self.config, pair.kl.placement
+        fresh = sample_and_score(pair, task, prompts, c.group_size)
+        scored, rewards = fresh.scored, fresh.rewards
+        rollout, mask = scored.rollout, scored.mask
+        metrics = dict(fresh.measurement.metrics)
 
         shaped = rewards
-        if kl_cfg.placement == "reward":
+        if placement == "reward":
             # The sequence reward minus β·Σ_t k(l_t), detached (Ziegler et al. 2019).
-            kl_t = m.kl_values(logp.detach(), ref_logp, logits.detach(), ref_logits)
+            kl_t = pair.kl_values(scored.logp.detach(), scored.ref_logp, scored.logits.detach(),
+                                  scored.ref_logits)
             shaped = rewards - beta * masked_sum(kl_t, mask)
         advantages = group_advantages(shaped, c.group_size, c.scale_rewards)
-        metrics["policy/advantage_scale"] = advantage_scale(shaped, c.group_size,
-                                                            c.scale_rewards)
+        scale = advantage_scale(shaped, c.group_size, c.scale_rewards)
+        metrics["policy/advantage_scale"] = scale
 
+        logits, logp = scored.logits, scored.logp
         for update in range(c.updates_per_rollout):
             if update > 0:
-                logits, logp = m.policy_logprobs(rollout)
+                logits, logp = pair.policy_logprobs(rollout)
             old_logp = rollout.old_logp if c.updates_per_rollout > 1 else logp.detach()
-            kl_term = (m.kl_loss_term(logp, ref_logp, logits, ref_logits, old_logp)
-                       if kl_cfg.placement == "loss" else None)
+            kl_term = (pair.kl_loss_term(logp, scored.ref_logp, logits, scored.ref_logits,
+                                         old_logp) if placement == "loss" else None)
             loss, stats = grpo_loss(logp, old_logp, advantages, mask, clip_eps=c.clip_eps,
                                     loss_agg=c.loss_agg, kl=kl_term, beta=beta)
-            m.optimize(loss)
+            optimize(loss)
             if update == 0:
                 metrics.update({k: float(v) for k, v in stats.items()})
-        return metrics
+        # β in the reward; in the loss β times the advantages' divisor, since the surrogate
+        # and the KL term are aggregated alike (see ``sequence_kl_coefficient``)
+        return StepResult(metrics, fresh.measurement.kl, fresh.measurement.n_samples,
+                          sequence_kl_coefficient(placement, beta, scale))

@@ -12,18 +12,21 @@ policy drifts from π_ref only through its own loss and the KL term, as in GRPO 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor, nn
 
-from klsweep.algos.common import clipped_surrogate, sequence_kl_coefficient
+from klsweep.algos.common import (
+    Algorithm,
+    Optimize,
+    StepResult,
+    clipped_surrogate,
+    sample_and_score,
+    sequence_kl_coefficient,
+)
 from klsweep.kl import masked_mean
-from klsweep.rollout import Rollout
-
-if TYPE_CHECKING:
-    from klsweep.models.tiny import TinyGPT
-    from klsweep.module import KLPolicyModule
+from klsweep.policy import PolicyPair
+from klsweep.rollout import Prompts
+from klsweep.tasks.base import Task
 
 
 def token_rewards(scores: Tensor, mask: Tensor, kl: Tensor | None = None,
@@ -116,81 +119,55 @@ class ValueHead(nn.Module):
         return self.net(hidden).squeeze(-1)
 
 
-def _subset(rollout: Rollout, index: Tensor) -> Rollout:
-    return Rollout(tokens=rollout.tokens[index], mask=rollout.mask[index],
-                   old_logp=rollout.old_logp[index], prompt_len=rollout.prompt_len)
+class PPO(Algorithm):
+    """The PPO step on the policy pair, with its value head."""
 
+    def setup(self, pair: PolicyPair, seed: int) -> nn.Module:
+        """The value head, sized from the policy; it trains beside the policy."""
+        self.value_head = ValueHead(pair.policy.hidden_size)
+        return self.value_head
 
-class PPO:
-    """The PPO step, orchestrated through the module's services."""
-
-    def __init__(self, config) -> None:
-        self.config = config
-        self.module: ValueHead | None = None
-
-    def attach(self, policy: TinyGPT) -> None:
-        """Size the value head from the policy (the module calls this before it builds the
-        optimiser, which then trains the head beside the policy)."""
-        self.module = ValueHead(policy.config.n_embd)
-
-    def prompts_per_step(self) -> int:
-        return self.config.prompts_per_step
-
-    def beta_seq(self, m: KLPolicyModule, beta: float, metrics: dict[str, float]) -> float:
-        """β in the reward; in the loss β times the whitening divisor of the advantages
-        (see ``sequence_kl_coefficient``)."""
-        return sequence_kl_coefficient(m.cfg.kl.placement, beta,
-                                       metrics["policy/advantage_scale"])
-
-    @torch.no_grad()
-    def _features(self, m: KLPolicyModule, rollout: Rollout) -> Tensor:
-        """The policy's final hidden states [B, N, C] at the positions that predict each
-        completion token: the state s_t whose value V(s_t) the critic estimates."""
-        hidden = m.policy.hidden_states(rollout.tokens[:, :-1])
-        return hidden[:, rollout.prompt_len - 1:]
-
-    def step(self, m: KLPolicyModule, prompts: Tensor) -> dict[str, float]:
-        c, placement = self.config, m.cfg.kl.placement
-        rollout = m.sample(prompts, c.samples_per_prompt)
-        mask = rollout.mask
-        scores = m.task.reward(rollout.completions, mask)
-        ref_logits, ref_logp = m.reference_logprobs(rollout)
+    def step(self, pair: PolicyPair, task: Task, prompts: Prompts, beta: float,
+             optimize: Optimize) -> StepResult:
+        c, placement = self.config, pair.kl.placement
+        fresh = sample_and_score(pair, task, prompts, c.samples_per_prompt, grad=False)
+        scored, scores = fresh.scored, fresh.rewards
+        rollout, mask, old_logp = scored.rollout, scored.mask, scored.logp
+        metrics = dict(fresh.measurement.metrics)
         with torch.no_grad():
-            logits, old_logp = m.policy_logprobs(rollout)
             # the critic reads the features of the policy that sampled; they stay fixed over
             # this rollout's epochs, so the head trains on one forward pass of the trunk
-            features = self._features(m, rollout)
-            old_values = self.module(features) * mask
-        metrics = m.rollout_metrics(rollout, scores, logits, old_logp, ref_logits, ref_logp)
-        beta = m.schedule.beta
+            features = pair.completion_features(rollout)
+            old_values = self.value_head(features) * mask
 
-        kl_t = (m.kl_values(old_logp, ref_logp, logits, ref_logits)
+        kl_t = (pair.kl_values(old_logp, scored.ref_logp, scored.logits, scored.ref_logits)
                 if placement == "reward" else None)
         rewards = token_rewards(scores, mask, kl_t, beta)
         advantages, returns = gae(rewards, old_values, mask, c.gamma, c.lam)
-        metrics["policy/advantage_scale"] = 1.0
+        scale = 1.0
         if c.whiten_advantages:
-            metrics["policy/advantage_scale"] = float(whitening_scale(advantages, mask))
+            scale = float(whitening_scale(advantages, mask))
             advantages = whiten(advantages, mask)
+        metrics["policy/advantage_scale"] = scale
 
         totals: dict[str, float] = {}
         updates = 0
         for _ in range(c.ppo_epochs):
             for index in torch.randperm(mask.shape[0]).chunk(c.minibatches):
                 mb_mask = mask[index]
-                mb_logits, logp = m.policy_logprobs(_subset(rollout, index))
+                mb_logits, logp = pair.policy_logprobs(rollout.rows(index))
                 surrogate, ratio, clipped = clipped_surrogate(logp, old_logp[index],
                                                               advantages[index], c.clip_eps)
                 policy_loss = masked_mean(surrogate, mb_mask)
                 value_loss, value_clipfrac = clipped_value_loss(
-                    self.module(features[index]), old_values[index], returns[index], mb_mask,
-                    c.vf_clip)
+                    self.value_head(features[index]), old_values[index], returns[index],
+                    mb_mask, c.vf_clip)
                 loss = policy_loss + c.vf_coef * value_loss
                 kl_loss = torch.zeros(())
                 if placement == "loss":
-                    kl_loss = masked_mean(m.kl_loss_term(logp, ref_logp[index], mb_logits,
-                                                         ref_logits[index], old_logp[index]),
-                                          mb_mask)
+                    kl_loss = masked_mean(pair.kl_loss_term(
+                        logp, scored.ref_logp[index], mb_logits, scored.ref_logits[index],
+                        old_logp[index]), mb_mask)
                     loss = loss + beta * kl_loss
                 stats = {"loss/policy": policy_loss, "loss/value": value_loss,
                          "loss/kl": kl_loss, "loss/total": loss,
@@ -198,7 +175,7 @@ class PPO:
                          "policy/ratio": masked_mean(ratio, mb_mask),
                          "policy/approx_kl": approx_kl(logp, old_logp[index], mb_mask),
                          "value/clipfrac": value_clipfrac}
-                m.optimize(loss)
+                optimize(loss)
                 for key, value in stats.items():
                     totals[key] = totals.get(key, 0.0) + float(value.detach())
                 updates += 1
@@ -210,4 +187,6 @@ class PPO:
             "value/explained_variance": float(explained_variance(old_values, returns, mask)),
             "reward/shaped": float(rewards.sum(1).mean()),
         })
-        return metrics
+        # β in the reward; in the loss β times the whitening divisor of the advantages
+        return StepResult(metrics, fresh.measurement.kl, fresh.measurement.n_samples,
+                          sequence_kl_coefficient(placement, beta, scale))

@@ -1,12 +1,19 @@
-"""A small GPT (nanoGPT's shape) with a key/value cache for fast sampling."""
+"""A small GPT (nanoGPT's shape) with a key/value cache for fast sampling: ``model=tiny``.
+
+It implements the model interface of ``models/base.py``; prompts may be left-padded (an
+attention mask), though the tiny tasks' prompts all have one length."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from klsweep.models.reference import pretrained_reference
 
 
 @dataclass
@@ -81,22 +88,26 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: Tensor, cache: KVCache | SharedPrefix | None = None,
-                layer: int = 0, record: bool = False) -> Tensor:
+                layer: int = 0, record: bool = False, mask: Tensor | None = None) -> Tensor:
+        """``mask`` [B, 1, T, S] (True: attend) is given only for padded batches; without
+        it attention is plain causal."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        dropout = self.dropout if self.training else 0.0
         if cache is None or record:
             if record:
                 cache.record(layer, k, v)
-            y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+            if mask is None:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         else:
             start = cache.length
             k, v = cache.extend(layer, k, v)
             # Queries at positions start..start+T-1 see every earlier key: SDPA's is_causal
             # aligns to the top left, so a continuation of a prefix needs an explicit mask.
-            mask = None
-            if T > 1:
+            if mask is None and T > 1:
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
@@ -121,8 +132,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, cache: KVCache | SharedPrefix | None = None, layer: int = 0,
-                record: bool = False) -> Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer, record)
+                record: bool = False, mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, record, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -132,12 +143,18 @@ class TinyGPT(nn.Module):
     def __init__(self, config: TinyGPTConfig) -> None:
         super().__init__()
         self.config = config
+        self.vocab_size = config.vocab_size
+        self.hidden_size = config.n_embd
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Fresh initial weights from torch's global generator."""
         self.apply(self._init_weights)
 
     @staticmethod
@@ -148,28 +165,83 @@ class TinyGPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def hidden_states(self, idx: Tensor, cache: KVCache | SharedPrefix | None = None,
-                      record: bool = False) -> Tensor:
+                      record: bool = False, attention_mask: Tensor | None = None) -> Tensor:
         """Final-layer hidden states [B, T, C] of tokens ``idx`` [B, T]. With a cache, ``idx``
         continues the cached sequences and the cache grows by T; with ``record``, ``idx`` is
-        a prefix whose keys and values the cache keeps."""
+        a prefix whose keys and values the cache keeps. ``attention_mask`` [B, S] covers the
+        cached and new positions (S = start + T); None: no padding."""
         T = idx.shape[1]
         start = 0 if cache is None or record else cache.length
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size "
                              f"{self.config.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)
+        mask = None
+        if attention_mask is None:
+            pos = torch.arange(start, start + T, device=idx.device)
+        else:
+            # a left-padded row's positions count its real tokens only, as in HF models
+            pos = (attention_mask.long().cumsum(1) - 1).clamp(min=0)[:, -T:]
+            mask = _padded_causal_mask(attention_mask, T)
         x = self.wte(idx) + self.wpe(pos)
         for layer, block in enumerate(self.blocks):
-            x = block(x, cache, layer, record)
+            x = block(x, cache, layer, record, mask)
         if cache is not None:
             cache.length = start + T
         return self.ln_f(x)
 
-    def forward(self, idx: Tensor, cache: KVCache | SharedPrefix | None = None,
-                record: bool = False) -> Tensor:
+    def forward(self, idx: Tensor, attention_mask: Tensor | None = None,
+                cache: KVCache | SharedPrefix | None = None, record: bool = False) -> Tensor:
         """Logits [B, T, vocab] of the next token at every position of ``idx``."""
-        return self.lm_head(self.hidden_states(idx, cache, record))
+        return self.lm_head(self.hidden_states(idx, cache, record, attention_mask))
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         weight = self.wte.weight
         return KVCache(self.config, batch_size, max_len, weight.device, weight.dtype)
+
+    def completion_logits(self, tokens: Tensor, attention_mask: Tensor | None,
+                          prompt_len: int, group_size: int = 1) -> Tensor:
+        """Logits [B, N, vocab] predicting ``tokens[:, prompt_len:]``. With ``group_size`` >
+        1 each shared prompt is computed once for its group (a third of the work at 8
+        prompt tokens), and its gradient sums over the group."""
+        if group_size > 1:
+            prefix = SharedPrefix(group_size)
+            prompt_mask = None if attention_mask is None else attention_mask[::group_size,
+                                                                             :prompt_len]
+            last_prompt = self(tokens[::group_size, :prompt_len], prompt_mask, prefix,
+                               record=True)[:, -1:]
+            rest_mask = None if attention_mask is None else attention_mask[:, :-1]
+            rest = self(tokens[:, prompt_len:-1], rest_mask, prefix)
+            return torch.cat([last_prompt.repeat_interleave(group_size, dim=0), rest], dim=1)
+        mask = None if attention_mask is None else attention_mask[:, :-1]
+        return self(tokens[:, :-1], mask)[:, prompt_len - 1:]
+
+    def completion_hidden(self, tokens: Tensor, attention_mask: Tensor | None,
+                          prompt_len: int) -> Tensor:
+        mask = None if attention_mask is None else attention_mask[:, :-1]
+        return self.hidden_states(tokens[:, :-1], attention_mask=mask)[:, prompt_len - 1:]
+
+
+def _padded_causal_mask(attention_mask: Tensor, T: int) -> Tensor:
+    """[B, 1, T, S] attention of the last T of S positions: causal, and never to a padding
+    key. A padding query sees only itself, so that no row of the softmax is empty."""
+    S, device = attention_mask.shape[1], attention_mask.device
+    causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
+    itself = torch.zeros(T, S, dtype=torch.bool, device=device)
+    itself[:, S - T:] = torch.eye(T, dtype=torch.bool, device=device)
+    return causal & (attention_mask[:, None, None, :] | itself)
+
+
+def build_tiny(model_cfg: Any, task: Any) -> tuple[TinyGPT, TinyGPT]:
+    """``model=tiny``: the reference is trained by the task's recipe (and cached); the
+    policy starts as its copy."""
+    config = TinyGPTConfig(vocab_size=task.vocab_size,
+                           block_size=task.prompt_len + task.max_new_tokens,
+                           n_layer=model_cfg.n_layer, n_head=model_cfg.n_head,
+                           n_embd=model_cfg.n_embd, dropout=model_cfg.dropout)
+    recipe = task.reference_recipe()
+    if recipe is None:
+        raise ValueError(f"model=tiny needs a task that trains its reference "
+                         f"(task={task.name} has none)")
+    reference = pretrained_reference(TinyGPT(config), asdict(config), recipe)
+    policy = copy.deepcopy(reference).train().requires_grad_(True)
+    return policy, reference.requires_grad_(False)

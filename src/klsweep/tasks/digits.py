@@ -13,13 +13,20 @@ hacking); with one it keeps the language and leans toward larger digits.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from klsweep.models.tiny import TinyGPT
-from klsweep.tasks.base import Task, cached_model, train_language_model
+from klsweep.models.reference import ReferenceRecipe
+from klsweep.rollout import Prompts, Rollout
+from klsweep.tasks.base import Task
+
+
+def digit_reward(completions: Tensor, mask: Tensor) -> Tensor:
+    """The mean digit of each completion [B, N] over ``mask``, divided by 9 (EOS is no digit)."""
+    is_digit = mask & (completions < 10)
+    digit_sum = torch.where(is_digit, completions, 0).sum(1).float()
+    return digit_sum / (9.0 * is_digit.sum(1).clamp(min=1).float())
 
 
 @dataclass
@@ -61,15 +68,18 @@ class DigitsTask(Task):
             digits[:, t] = prev
         return digits
 
-    def sample_prompts(self, n: int, generator: torch.Generator) -> Tensor:
+    def _prompt_tokens(self, n: int, generator: torch.Generator) -> Tensor:
         digits = self._sample_digits(n, self.config.prompt_digits, generator)
         return torch.cat([torch.full((n, 1), self.BOS, dtype=torch.long), digits], dim=1)
+
+    def sample_prompts(self, n: int, generator: torch.Generator) -> Prompts:
+        return Prompts.unpadded(self._prompt_tokens(n, generator))
 
     def sample_sequences(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """Prompts and completions from the language itself: tokens [n, P+N] and the mask of
         next-token targets to learn (the completion up to and including EOS)."""
         c = self.config
-        prompts = self.sample_prompts(n, generator)
+        prompts = self._prompt_tokens(n, generator)
         body = self._sample_digits(n, c.max_len, generator, first=prompts[:, -1])
         extra = torch.rand(n, c.max_len - c.min_len, generator=generator) >= c.p_stop
         # length = min_len + number of "continue" draws before the first "stop"
@@ -83,20 +93,13 @@ class DigitsTask(Task):
                              positions[None] <= length[:, None]], dim=1)
         return tokens, targets.float()
 
-    def reward(self, completions: Tensor, mask: Tensor) -> Tensor:
-        is_digit = mask & (completions < 10)
-        digit_sum = torch.where(is_digit, completions, 0).sum(1).float()
-        return digit_sum / (9.0 * is_digit.sum(1).clamp(min=1).float())
+    def reward(self, rollout: Rollout) -> Tensor:
+        return digit_reward(rollout.completions, rollout.mask)
 
-    def reference_model(self, model_config: dict[str, Any]) -> TinyGPT:
+    def reference_recipe(self) -> ReferenceRecipe:
         c = self.config
-        config = self.model_config(model_config)
-        key = {"task": self.name, "language": asdict(c) | {"cache_dir": None},
-               "model": asdict(config)}
-
-        def train(model: TinyGPT) -> None:
-            train_language_model(
-                model, lambda g: self.sample_sequences(c.reference_batch_size, g),
-                steps=c.reference_steps, lr=c.reference_lr, seed=c.reference_seed)
-
-        return cached_model(c.cache_dir, key, config, train)
+        return ReferenceRecipe(
+            key={"task": self.name, "language": asdict(c) | {"cache_dir": None}},
+            sample_batch=lambda g: self.sample_sequences(c.reference_batch_size, g),
+            steps=c.reference_steps, lr=c.reference_lr, seed=c.reference_seed,
+            cache_dir=c.cache_dir)

@@ -31,16 +31,17 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
-from torch import Tensor
+from torch import Tensor, nn
 
 from klsweep.exact_math import enumerate_completions, exact_metrics
-from klsweep.models.tiny import TinyGPT
-from klsweep.tasks.base import Task, cached_model, train_language_model
+from klsweep.models.reference import ReferenceRecipe
+from klsweep.policy import PolicyPair
+from klsweep.rollout import Prompts, Rollout
+from klsweep.tasks.base import Task
 
 # rows per forward when enumerating: bounds activation memory for large vocabularies
 _ROWS_PER_FORWARD = 16384
@@ -89,8 +90,8 @@ class ExactTask(Task):
         self.prompts = self._prompt_set()
         self.completions = torch.from_numpy(
             enumerate_completions(config.vocab_size, config.completion_len))
-        self.rewards = self.reward(self.completions,
-                                   torch.ones_like(self.completions, dtype=torch.bool)).double()
+        self.rewards = self.completion_reward(
+            self.completions, torch.ones_like(self.completions, dtype=torch.bool)).double()
         self.last_evaluation: ExactEvaluation | None = None
 
     def _prompt_set(self) -> Tensor:
@@ -102,14 +103,17 @@ class ExactTask(Task):
         return (codes[:, None] // powers) % c.vocab_size
 
     # --- the language and the reward ------------------------------------------------------------
-    def sample_prompts(self, n: int, generator: torch.Generator) -> Tensor:
+    def _prompt_tokens(self, n: int, generator: torch.Generator) -> Tensor:
         return self.prompts[torch.randint(0, len(self.prompts), (n,), generator=generator)]
+
+    def sample_prompts(self, n: int, generator: torch.Generator) -> Prompts:
+        return Prompts.unpadded(self._prompt_tokens(n, generator))
 
     def sample_sequences(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """Prompts and completions of the language: tokens [n, P+L] and the mask of the
         next-token targets to learn (the completion's tokens)."""
         c = self.config
-        prompts = self.sample_prompts(n, generator)
+        prompts = self._prompt_tokens(n, generator)
         completion = torch.empty(n, c.completion_len, dtype=torch.long)
         prev = prompts[:, -1]
         for t in range(c.completion_len):
@@ -122,27 +126,28 @@ class ExactTask(Task):
                              torch.ones(n, c.completion_len)], dim=1)
         return tokens, targets
 
-    def reward(self, completions: Tensor, mask: Tensor) -> Tensor:
+    def completion_reward(self, completions: Tensor, mask: Tensor) -> Tensor:
+        """The mean token value of each completion [B, N] over ``mask``, scaled to
+        [0, reward_scale]."""
         values = torch.where(mask, completions, 0).sum(1).float()
         scale = self.config.reward_scale / (self.vocab_size - 1)
         return scale * values / mask.sum(1).clamp(min=1).float()
 
-    def reference_model(self, model_config: dict[str, Any]) -> TinyGPT:
+    def reward(self, rollout: Rollout) -> Tensor:
+        return self.completion_reward(rollout.completions, rollout.mask)
+
+    def reference_recipe(self) -> ReferenceRecipe:
         c = self.config
-        config = self.model_config(model_config)
         language = {k: v for k, v in asdict(c).items() if k not in _NOT_REFERENCE}
-        key = {"task": self.name, "language": language, "model": asdict(config)}
-
-        def train(model: TinyGPT) -> None:
-            train_language_model(
-                model, lambda g: self.sample_sequences(c.reference_batch_size, g),
-                steps=c.reference_steps, lr=c.reference_lr, seed=c.reference_seed)
-
-        return cached_model(c.cache_dir, key, config, train)
+        return ReferenceRecipe(
+            key={"task": self.name, "language": language},
+            sample_batch=lambda g: self.sample_sequences(c.reference_batch_size, g),
+            steps=c.reference_steps, lr=c.reference_lr, seed=c.reference_seed,
+            cache_dir=c.cache_dir)
 
     # --- exact evaluation -------------------------------------------------------------------
     @torch.no_grad()
-    def sequence_logprobs(self, model: TinyGPT, temperature: float = 1.0,
+    def sequence_logprobs(self, model: nn.Module, temperature: float = 1.0,
                           ) -> NDArray[np.float64]:
         """log π(y|x) of every completion of every prompt, [X, V^L] float64, by teacher
         forcing: each prompt + prefix of L−1 tokens is one row, whose positions give the
@@ -167,29 +172,28 @@ class ExactTask(Task):
     def should_evaluate(self, step: int, total_steps: int) -> bool:
         return (step + 1) % self.config.eval_every == 0 or step + 1 == total_steps
 
-    def evaluate(self, module: Any, beta_seq: float) -> dict[str, float]:
-        temperature = module.cfg.rollout.temperature
+    def evaluate(self, pair: PolicyPair, step: int, beta_seq: float) -> dict[str, float]:
         # the reference's table is recomputed, not cached: one forward, and never stale
-        ref_logp = self.sequence_logprobs(module.reference, temperature)
-        policy_logp = self.sequence_logprobs(module.policy, temperature)
+        ref_logp = self.sequence_logprobs(pair.reference, pair.temperature)
+        policy_logp = self.sequence_logprobs(pair.policy, pair.temperature)
         rewards = np.broadcast_to(self.rewards.numpy(), policy_logp.shape)
         metrics = exact_metrics(policy_logp, ref_logp, rewards, beta_seq)
-        self.last_evaluation = ExactEvaluation(module.step_count, float(beta_seq),
-                                               policy_logp, ref_logp, metrics)
+        self.last_evaluation = ExactEvaluation(step, float(beta_seq), policy_logp, ref_logp,
+                                               metrics)
         return metrics
 
-    def finalize(self, module: Any, run_dir: Path) -> None:
+    def finalize(self, pair: PolicyPair, run_dir: Path) -> None:
         """Write the last evaluation to ``exact.json``: per prompt every completion with its
         reference and policy log-probability and its reward, and ``beta_seq``."""
         last = self.last_evaluation
-        if last is None or getattr(module, "global_rank", 0) != 0:
+        if last is None:
             return
         completions = self.completions.tolist()
         rewards = self.rewards.tolist()
         payload = {
             "step": last.step,
             "beta_seq": last.beta_seq,
-            "temperature": float(module.cfg.rollout.temperature),
+            "temperature": float(pair.temperature),
             "task": asdict(self.config) | {"cache_dir": None},
             "metrics": last.metrics,
             "prompts": [

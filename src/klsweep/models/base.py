@@ -1,0 +1,54 @@
+"""The model interface: what the rest of klsweep uses of a policy or reference model.
+
+Token batches are ``tokens`` [B, T] (long) with an optional ``attention_mask`` [B, T] (bool,
+False on left padding; None: no padding). Every implementation (``models/tiny.py``,
+``models/hf.py``) is an ``nn.Module`` with these methods, so sampling, scoring and the
+algorithms never ask which model they hold.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+
+class Cache(Protocol):
+    """Keys and values of the sequences decoded so far."""
+
+    def repeat_interleave(self, repeats: int) -> Cache:
+        """The cache of each sequence copied ``repeats`` times (one prompt's prefill shared
+        by its group of completions)."""
+        ...
+
+
+@runtime_checkable
+class CausalLM(Protocol):
+    """A causal language model as klsweep uses it."""
+
+    vocab_size: int
+    hidden_size: int
+
+    def __call__(self, tokens: Tensor, attention_mask: Tensor | None = None,
+                 cache: Cache | None = None) -> Tensor:
+        """Logits [B, T, vocab] of the next token at every position of ``tokens``. With a
+        cache, ``tokens`` continue the cached sequences (``attention_mask`` then covers the
+        cached and the new positions) and the cache grows by T."""
+        ...
+
+    def new_cache(self, batch_size: int, max_len: int) -> Cache:
+        """An empty cache for ``batch_size`` sequences of up to ``max_len`` tokens."""
+        ...
+
+    def completion_logits(self, tokens: Tensor, attention_mask: Tensor | None,
+                          prompt_len: int, group_size: int = 1) -> Tensor:
+        """Raw logits [B, N, vocab] that predict the completion tokens ``tokens[:,
+        prompt_len:]``, with gradient when enabled. Rows come in consecutive groups of
+        ``group_size`` that share a prompt, which an implementation may compute once."""
+        ...
+
+    def completion_hidden(self, tokens: Tensor, attention_mask: Tensor | None,
+                          prompt_len: int) -> Tensor:
+        """Final hidden states [B, N, hidden_size] at the positions that predict each
+        completion token (the states a value head reads)."""
+        ...

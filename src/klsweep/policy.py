@@ -1,0 +1,181 @@
+"""The policy pair: the policy being trained, its frozen reference, the KL settings and the
+sampling temperature, and what every algorithm does with them — sample, score a rollout
+under both models, the KL values and the loss-placed KL term, the statistics each step logs.
+
+No Lightning here: the pair is tested alone on CPU, and algorithms see only the pair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from klsweep.kl import kl_metrics, kl_penalty_per_token, kl_per_token, masked_mean
+from klsweep.models.base import CausalLM
+from klsweep.rollout import (
+    Prompts,
+    Rollout,
+    completion_logits,
+    generate,
+    token_entropy,
+    token_logprobs,
+)
+
+PLACEMENTS = ("reward", "loss", "none")
+UNITS = ("token", "sequence")
+GRADIENTS = ("estimator", "k2")
+
+
+@dataclass(frozen=True)
+class KLSettings:
+    """How the KL is estimated and where it acts (the ``kl`` node, less β and its schedule)."""
+
+    estimator: str = "k3"
+    placement: str = "loss"
+    unit: str = "token"
+    gradient: str = "estimator"
+    is_correction: bool = False
+    clamp: float = 20.0
+
+
+@dataclass
+class Scored:
+    """A rollout with the policy's and the reference's view of its completion tokens:
+    logits [B, N, vocab] (temperature applied) and log-probs [B, N]. The policy's carry
+    their gradient when the rollout was scored with one."""
+
+    rollout: Rollout
+    logits: Tensor
+    logp: Tensor
+    ref_logits: Tensor
+    ref_logp: Tensor
+
+    @property
+    def mask(self) -> Tensor:
+        return self.rollout.mask
+
+    def rows(self, index: Tensor, group_size: int = 1) -> Scored:
+        return Scored(self.rollout.rows(index, group_size), self.logits[index], self.logp[index],
+                      self.ref_logits[index], self.ref_logp[index])
+
+
+@dataclass
+class Measurement:
+    """What one batch of fresh samples says: the metrics every step logs (``kl/*``,
+    ``reward/*``, ``policy/*``, ``perf/*``), the KL in ``kl.unit`` that the schedule
+    steers, and how many samples it was measured on (0: nothing new, β stays)."""
+
+    metrics: dict[str, float]
+    kl: float
+    n_samples: int
+
+    def carried(self) -> Measurement:
+        """The same figures, carried to a step that sampled nothing."""
+        return Measurement({**self.metrics, "perf/samples": 0.0, "perf/tokens": 0.0},
+                           self.kl, 0)
+
+
+class PolicyPair:
+    """π_θ and π_ref, and the operations on them that the algorithms share."""
+
+    def __init__(self, policy: CausalLM, reference: CausalLM, kl: KLSettings, *,
+                 temperature: float, max_new_tokens: int, eos_id: int) -> None:
+        self.policy = policy
+        self.reference = reference
+        self.kl = kl
+        self.temperature = temperature
+        self.max_new_tokens = max_new_tokens
+        self.eos_id = eos_id
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.policy.parameters()).device
+
+    # --- sampling ----------------------------------------------------------------------------
+    def sample(self, prompts: Prompts, n_per_prompt: int) -> Rollout:
+        """``n_per_prompt`` completions of each prompt from the policy (in eval mode)."""
+        self.policy.eval()
+        rollout = self._generate(self.policy, prompts, n_per_prompt)
+        self.policy.train()
+        return rollout
+
+    def sample_reference(self, prompts: Prompts, n_per_prompt: int) -> Rollout:
+        """Completions from π_ref (an offline preference data set)."""
+        self.reference.eval()
+        return self._generate(self.reference, prompts, n_per_prompt)
+
+    def _generate(self, model: nn.Module, prompts: Prompts, n_per_prompt: int) -> Rollout:
+        return generate(model, prompts, n_per_prompt=n_per_prompt,
+                        max_new_tokens=self.max_new_tokens, eos_id=self.eos_id,
+                        temperature=self.temperature)
+
+    # --- scoring -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def reference_logprobs(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
+        """π_ref's logits and log-probs of the completion tokens."""
+        self.reference.eval()
+        logits = completion_logits(self.reference, rollout, self.temperature)
+        return logits, token_logprobs(logits, rollout.completions)
+
+    def policy_logprobs(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
+        """π_θ's logits and log-probs of the completion tokens, with gradient when enabled."""
+        logits = completion_logits(self.policy, rollout, self.temperature)
+        return logits, token_logprobs(logits, rollout.completions)
+
+    def score(self, rollout: Rollout, *, grad: bool = True) -> Scored:
+        """Both models' log-probs of ``rollout`` (each shared prompt computed once per group);
+        the policy's with gradient unless ``grad`` is false."""
+        ref_logits, ref_logp = self.reference_logprobs(rollout)
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            logits, logp = self.policy_logprobs(rollout)
+        return Scored(rollout, logits, logp, ref_logits, ref_logp)
+
+    @torch.no_grad()
+    def completion_features(self, rollout: Rollout) -> Tensor:
+        """The policy's final hidden states [B, N, C] at the positions that predict each
+        completion token: the states a value head reads, without gradient."""
+        return self.policy.completion_hidden(rollout.tokens, rollout.attention_mask,
+                                             rollout.prompt_len)
+
+    # --- the KL ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def kl_values(self, logp: Tensor, ref_logp: Tensor, logits: Tensor,
+                  ref_logits: Tensor) -> Tensor:
+        """The configured estimator per token [B, N], without gradient (the reward's)."""
+        return kl_per_token(logp, ref_logp, self.kl.estimator, logits=logits,
+                            ref_logits=ref_logits, clamp=self.kl.clamp)
+
+    def kl_loss_term(self, logp: Tensor, ref_logp: Tensor, logits: Tensor, ref_logits: Tensor,
+                     old_logp: Tensor) -> Tensor:
+        """The per-token KL term of a loss [B, N], with its gradient through log π_θ."""
+        kl = self.kl
+        term = kl_penalty_per_token(logp, ref_logp, kl.estimator, gradient=kl.gradient,
+                                    logits=logits, ref_logits=ref_logits, clamp=kl.clamp)
+        if kl.is_correction:
+            term = term * torch.exp(logp - old_logp).detach()
+        return term
+
+    # --- what a step logs --------------------------------------------------------------------
+    @torch.no_grad()
+    def measure(self, scored: Scored, rewards: Tensor) -> Measurement:
+        """Reward, KL (every estimator, from this batch) and policy statistics of fresh
+        samples."""
+        rollout, mask = scored.rollout, scored.mask
+        logits, logp = scored.logits.detach(), scored.logp.detach()
+        metrics = kl_metrics(logp, scored.ref_logp, mask, self.kl.estimator, logits=logits,
+                             ref_logits=scored.ref_logits, clamp=self.kl.clamp)
+        distinct = len({tuple(row) for row in rollout.completions.tolist()})
+        metrics.update({
+            "reward/mean": float(rewards.mean()),
+            "reward/std": float(rewards.std()),
+            "reward/max": float(rewards.max()),
+            "policy/entropy": float(masked_mean(token_entropy(logits), mask)),
+            "policy/length": float(mask.sum(1).float().mean()),
+            "policy/distinct": distinct / rewards.numel(),
+            "perf/samples": float(rewards.numel()),
+            "perf/tokens": float(mask.sum()),
+        })
+        kl = metrics["kl/mean" if self.kl.unit == "token" else "kl/seq"]
+        return Measurement(metrics, kl, rewards.numel())
