@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
@@ -219,9 +220,51 @@ def test_the_joblib_launcher_runs_a_batch_of_two_trials_at_once(tmp_path):
                      "hydra.sweeper.n_trials=2", sweep_dir=tmp_path)
     assert result.returncode == 0, result.stderr
     assert states(load(tmp_path, "beta_target")) == ["COMPLETE", "COMPLETE"]
-    spans = []  # each run's [start, end]: summary.json is written at its end
-    for number in (0, 1):
-        summary = tmp_path / str(number) / "summary.json"
+    assert overlapped(tmp_path, [0, 1])
+
+
+def overlapped(sweep_dir: Path, numbers: Sequence[int]) -> bool:
+    """Whether the runs of these trials were all under way at one moment: summary.json is
+    written at a run's end, wall_time_s after its start."""
+    spans = []
+    for number in numbers:
+        summary = sweep_dir / str(number) / "summary.json"
         end = summary.stat().st_mtime
         spans.append((end - yaml.safe_load(summary.read_text())["wall_time_s"], end))
-    assert max(start for start, _ in spans) < min(end for _, end in spans)  # they overlapped
+    return max(start for start, _ in spans) < min(end for _, end in spans)
+
+
+@pytest.mark.slow
+def test_the_submitit_launcher_runs_each_trial_in_its_own_process_two_at_once(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
+                        reason="hydra-submitit-launcher is not installed (extra [cluster])")
+    result = klsweep("sweep=beta_target", "task=exact", "steps=4", *FAST,
+                     "hydra/launcher=submitit_local", "hydra.sweeper.n_jobs=2",
+                     "hydra.sweeper.n_trials=4", "hydra.sweeper.report_every=1",
+                     "hydra.sweeper.objectives={kl/final:null}",  # one objective: prunable
+                     sweep_dir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    study = load(tmp_path, "beta_target")
+    assert states(study) == ["COMPLETE"] * 4
+    # each run reported to the pruner from its own process, through the storage
+    assert all(t.intermediate_values for t in study.trials)
+    assert overlapped(tmp_path, [0, 1]) and overlapped(tmp_path, [2, 3])
+    jobs = {path.name for path in (tmp_path / ".submitit").glob("*/*_result.pkl")}
+    assert len(jobs) == 4  # submitit's local jobs are named by their process ids
+
+
+@pytest.mark.slow
+def test_trials_failing_in_submitit_processes_are_recorded_with_their_reasons(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
+                        reason="hydra-submitit-launcher is not installed (extra [cluster])")
+    result = klsweep("sweep=beta_target", "steps=2", *FAST, *FAILING_GRID,
+                     "hydra/launcher=submitit_local", "hydra.sweeper.n_jobs=2",
+                     sweep_dir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    trials = {(t.params["optim.lr"], t.params["algo.updates_per_rollout"]): t
+              for t in load(tmp_path, "beta_target").trials}
+    assert trials[3e-4, 1].state == trials[3e-4, 2].state == TrialState.COMPLETE
+    raised, nan = trials[1e10, 1], trials[1e10, 2]
+    assert raised.user_attrs["reason"].startswith("RuntimeError: probability tensor")
+    assert (nan.user_attrs["reason"], nan.user_attrs["status"]) == ("loss is nan at step 0",
+                                                                    "failed")
