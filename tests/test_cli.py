@@ -88,3 +88,21 @@ def test_a_tiny_run_writes_its_record_and_wandb_history(tmp_path):
     logged = [h["item"] for h in history if "kl/mean" in h["item"]]
     assert [row["kl/mean"] for row in logged] == pytest.approx([r["kl/mean"] for r in rows])
     assert [row["kl/beta"] for row in logged] == pytest.approx([r["kl/beta"] for r in rows])
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo", "dpo"])
+def test_help_lists_every_option_with_the_help_line_its_dataclass_declares(algo, monkeypatch,
+                                                                           capsys):
+    from dataclasses import fields
+
+    from klsweep.config import _node_schemas, compose_and_validate
+
+    monkeypatch.setattr(sys, "argv", ["klsweep", f"algo={algo}", "--help"])
+    main()
+    out = capsys.readouterr().out
+    for node, schema in _node_schemas(compose_and_validate({"algo": algo})):
+        for f in fields(schema):
+            assert f.metadata.get("help"), f"{schema.__name__}.{f.name} has no help line"
+            key = f"{node}.{f.name}" if node else f.name
+            line = next(line for line in out.splitlines() if line.strip().startswith(key + "="))
+            assert f.metadata["help"] in line

@@ -3,8 +3,9 @@
 import torch
 from omegaconf import OmegaConf
 
+from klsweep.config import choice_config
 from klsweep.models import build_models
-from klsweep.tasks.digits import DigitsConfig, DigitsTask, digit_reward
+from klsweep.tasks.digits import DigitsTask, digit_reward
 
 MODEL = OmegaConf.create({"name": "tiny", "n_layer": 1, "n_head": 2, "n_embd": 16,
                           "dropout": 0.0})
@@ -15,7 +16,7 @@ def _reference(task: DigitsTask):
 
 
 def test_sequences_follow_the_language():
-    task = DigitsTask(DigitsConfig())
+    task = DigitsTask(choice_config("task", "digits"))
     tokens, targets = task.sample_sequences(2000, torch.Generator().manual_seed(0))
     completion = tokens[:, task.prompt_len:]
     lengths = (completion < 10).sum(1)
@@ -40,8 +41,8 @@ def test_reward_is_the_mean_digit_over_nine():
 
 
 def test_the_reference_is_cached_and_a_miss_leaves_the_random_state_as_a_hit_does(tmp_path):
-    task = DigitsTask(DigitsConfig(cache_dir=str(tmp_path), reference_steps=5,
-                                   reference_batch_size=8))
+    task = DigitsTask(choice_config("task", "digits", cache_dir=str(tmp_path),
+                                    reference_steps=5, reference_batch_size=8))
     torch.manual_seed(0)
     trained = _reference(task)
     after_miss = torch.rand(3)
@@ -54,7 +55,8 @@ def test_the_reference_is_cached_and_a_miss_leaves_the_random_state_as_a_hit_doe
         assert torch.equal(a, b)
     # the weights depend on the task's reference seed, not on the run's seed
     torch.manual_seed(1)
-    other = _reference(DigitsTask(DigitsConfig(cache_dir=str(tmp_path / "other"),
-                                               reference_steps=5, reference_batch_size=8)))
+    other = _reference(DigitsTask(choice_config("task", "digits",
+                                                cache_dir=str(tmp_path / "other"),
+                                                reference_steps=5, reference_batch_size=8)))
     for a, b in zip(trained.state_dict().values(), other.state_dict().values(), strict=True):
         assert torch.equal(a, b)

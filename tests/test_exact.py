@@ -12,11 +12,11 @@ import torch
 
 from klsweep.algos.common import sequence_kl_coefficient
 from klsweep.algos.grpo import advantage_scale, group_advantages, grpo_loss
-from klsweep.config import ConfigError, compose_and_validate
+from klsweep.config import ConfigError, choice_config, compose_and_validate
 from klsweep.kl import kl_penalty_per_token
-from klsweep.models.tiny import TinyGPT, TinyGPTConfig
+from klsweep.models.tiny import TinyGPT
 from klsweep.rollout import Prompts, generate, token_logprobs
-from klsweep.tasks.exact import ExactConfig, ExactTask
+from klsweep.tasks.exact import ExactTask
 
 EXACT_KEYS = ("kl", "reward", "objective", "optimal_objective", "optimal_kl", "optimal_reward",
               "frontier_gap", "improvement_left", "beta_seq")
@@ -26,16 +26,16 @@ def _peaked_model(task: ExactTask, seed: int = 0) -> TinyGPT:
     """A random tiny model with large tied embeddings, so that its next-token distributions
     are far from uniform (a flat one would hide a mismatch between sampler and enumeration)."""
     torch.manual_seed(seed)
-    model = TinyGPT(TinyGPTConfig(vocab_size=task.vocab_size,
-                                  block_size=task.prompt_len + task.max_new_tokens,
-                                  n_layer=1, n_head=2, n_embd=32))
+    model = TinyGPT(choice_config("model", "tiny", n_layer=1, n_head=2, n_embd=32),
+                    task.vocab_size, task.prompt_len + task.max_new_tokens)
     with torch.no_grad():
         model.wte.weight.mul_(60.0)
     return model.eval()
 
 
 def test_the_sampler_never_stops_early_and_stays_in_the_enumerated_set():
-    task = ExactTask(ExactConfig(vocab_size=4, completion_len=3, n_prompts=3))
+    task = ExactTask(choice_config("task", "exact", vocab_size=4, completion_len=3,
+                                    n_prompts=3))
     assert not 0 <= task.eos_id < task.vocab_size  # the sampler cannot emit it
     rollout = generate(_peaked_model(task), Prompts.unpadded(task.prompts), n_per_prompt=200,
                        max_new_tokens=task.max_new_tokens, eos_id=task.eos_id)
@@ -46,7 +46,8 @@ def test_the_sampler_never_stops_early_and_stays_in_the_enumerated_set():
 
 
 def test_enumerated_logprobs_are_a_distribution_and_match_the_training_logprobs():
-    task = ExactTask(ExactConfig(vocab_size=5, completion_len=3, n_prompts=2))
+    task = ExactTask(choice_config("task", "exact", vocab_size=5, completion_len=3,
+                                    n_prompts=2))
     model = _peaked_model(task, seed=1)
     table = task.sequence_logprobs(model)  # [X, Y]
     assert table.shape == (2, 5**3) and table.dtype == np.float64
@@ -61,7 +62,8 @@ def test_enumerated_logprobs_are_a_distribution_and_match_the_training_logprobs(
 
 
 def test_sampled_frequencies_follow_the_enumerated_probabilities():
-    task = ExactTask(ExactConfig(vocab_size=4, completion_len=3, n_prompts=1))
+    task = ExactTask(choice_config("task", "exact", vocab_size=4, completion_len=3,
+                                    n_prompts=1))
     model = _peaked_model(task, seed=2)
     probs = np.exp(task.sequence_logprobs(model)[0])
     n = 20000
@@ -78,7 +80,7 @@ def test_sampled_frequencies_follow_the_enumerated_probabilities():
 
 
 def test_prompts_are_distinct_and_sampled_from_the_fixed_set():
-    task = ExactTask(ExactConfig(vocab_size=3, prompt_len=2, n_prompts=9))
+    task = ExactTask(choice_config("task", "exact", vocab_size=3, prompt_len=2, n_prompts=9))
     assert len({tuple(p) for p in task.prompts.tolist()}) == 9  # all 3² prompts
     drawn = task.sample_prompts(50, torch.Generator().manual_seed(0)).tokens
     assert {tuple(p) for p in drawn.tolist()} <= {tuple(p) for p in task.prompts.tolist()}
@@ -88,13 +90,14 @@ def test_reward_is_the_mean_token_value_scaled_to_reward_scale():
     completions = torch.tensor([[5, 5, 5, 5], [0, 0, 0, 0], [1, 2, 3, 4]])
     mask = torch.ones(3, 4, dtype=torch.bool)
     for scale in (1.0, 10.0):
-        task = ExactTask(ExactConfig(vocab_size=6, completion_len=4, reward_scale=scale))
+        task = ExactTask(choice_config("task", "exact", vocab_size=6, completion_len=4,
+                                       reward_scale=scale))
         torch.testing.assert_close(task.completion_reward(completions, mask),
                                    scale * torch.tensor([1.0, 0.0, 0.5]))
 
 
 def test_evaluation_runs_every_eval_every_steps_and_at_the_last():
-    task = ExactTask(ExactConfig(eval_every=4))
+    task = ExactTask(choice_config("task", "exact", eval_every=4))
     assert [s for s in range(10) if task.should_evaluate(s, 10)] == [3, 7, 9]
 
 

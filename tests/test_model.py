@@ -4,14 +4,15 @@ from dataclasses import replace
 
 import torch
 
-from klsweep.models.tiny import TinyGPT, TinyGPTConfig
+from klsweep.config import choice_config
+from klsweep.models.tiny import TinyGPT
 from klsweep.rollout import Prompts, completion_logits, generate, token_logprobs
 
 
 def _model(seed: int = 0) -> TinyGPT:
     torch.manual_seed(seed)
-    return TinyGPT(TinyGPTConfig(vocab_size=11, block_size=16, n_layer=2, n_head=4,
-                                 n_embd=32)).eval()
+    return TinyGPT(choice_config("model", "tiny", n_layer=2, n_head=4, n_embd=32),
+                   vocab_size=11, block_size=16).eval()
 
 
 def test_cached_decoding_equals_uncached_decoding():

@@ -11,11 +11,28 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from klsweep.config import CONF_DIR, ConfigError, check_overrides, compose_and_validate
+from klsweep.config import (
+    CONF_DIR,
+    ConfigError,
+    check_overrides,
+    compose_and_validate,
+    options_help,
+)
 
 # Flags after which Hydra prints and exits without running a job.
 _INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve",
                "--shell-completion", "-sc", "--version"}
+_HELP_FLAGS = {"--help", "-h"}
+_HELP_HEADER = """klsweep: KL-regularised policy optimisation (PPO, DPO, GRPO) with every KL
+estimator and β schedule, swept by Hydra and Optuna.
+
+  python -m klsweep algo=grpo kl.target=0.05                    one run
+  python -m klsweep -m algo=grpo,ppo schedule=fixed,adaptive    a grid
+  python -m klsweep -m sweep=beta_target                        an Optuna study
+  python -m klsweep.report sweeps/<dir>                         compare runs
+  python -m klsweep [overrides] --help                          this help, for those overrides
+  python -m klsweep --hydra-help                                Hydra's own flags
+"""
 _MAX_GRID_CHECK = 256
 
 
@@ -36,8 +53,23 @@ def precheck(args: list[str]) -> None:
         compose_and_validate(combo)
 
 
+def print_help(args: list[str]) -> None:
+    """Every option of the config the overrides compose, with its help line."""
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    combos = check_overrides(overrides)
+    print(_HELP_HEADER)
+    print(options_help(compose_and_validate(combos[0])))
+
+
 def main() -> None:
     args = sys.argv[1:]
+    if _HELP_FLAGS.intersection(args):
+        try:
+            print_help(args)
+        except ConfigError as err:
+            print(f"klsweep: error: {err}", file=sys.stderr)
+            sys.exit(2)
+        return
     if not _INFO_FLAGS.intersection(args):
         try:
             precheck(args)

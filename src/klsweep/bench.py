@@ -20,13 +20,12 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from klsweep.config import build_schedule, compose_and_validate
-from klsweep.models.tiny import TinyGPT, TinyGPTConfig
-from klsweep.module import KLPolicyModule
-from klsweep.policy import PolicyPair
+from klsweep.config import compose_and_validate
+from klsweep.models.tiny import TinyConfig, TinyGPT
 from klsweep.rollout import Prompts, Rollout
+from klsweep.schema import from_node
 from klsweep.tasks.base import Task
-from klsweep.train import kl_settings
+from klsweep.train import build_module
 
 
 class SpeedTask(Task):
@@ -56,19 +55,12 @@ def measure(algo: str, steps: int, warmup: int, threads: int, overrides: list[st
                                 "steps": str(steps + warmup),
                                 **dict(o.split("=", 1) for o in overrides)})
     task = SpeedTask(vocab_size=32, prompt_len=8, max_new_tokens=16)
-    model_cfg = TinyGPTConfig(vocab_size=32, block_size=24, n_layer=cfg.model.n_layer,
-                              n_head=cfg.model.n_head, n_embd=cfg.model.n_embd)
     L.seed_everything(0, verbose=False)
-    policy, reference = TinyGPT(model_cfg), TinyGPT(model_cfg)
+    block_size = task.prompt_len + task.max_new_tokens
+    policy = TinyGPT(from_node(TinyConfig, cfg.model), task.vocab_size, block_size)
+    reference = TinyGPT(from_node(TinyConfig, cfg.model), task.vocab_size, block_size)
     reference.load_state_dict(policy.state_dict())
-    from klsweep.algos import ALGORITHMS
-
-    pair = PolicyPair(policy, reference.requires_grad_(False), kl_settings(cfg.kl),
-                      temperature=cfg.rollout.temperature, max_new_tokens=task.max_new_tokens,
-                      eos_id=task.eos_id)
-    module = KLPolicyModule(pair, task, ALGORITHMS[algo](cfg.algo), build_schedule(cfg.kl),
-                            steps=cfg.steps, seed=cfg.seed, optim=cfg.optim,
-                            kl_target=cfg.kl.target, kl_max=cfg.kl.max)
+    module = build_module(cfg, task, (policy, reference.requires_grad_(False)))
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         accelerator=cfg.trainer.accelerator, devices=1,

@@ -1,280 +1,115 @@
-"""Config schemas and validation: every bad value fails before training, in one line that
-names the key, the value and what is allowed."""
+"""Validation glue: every bad value fails before training, in one line that names the key,
+the value and what is allowed. Each config group's typed dataclass lives next to the code it
+configures (``algos/``, ``tasks/``, ``models/``, ``policy.KLConfig``, ``records``); this
+module finds them through the registries, and declares only the run-level nodes that
+``train.py`` itself consumes."""
 
 from __future__ import annotations
 
 import itertools
-import math
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from klsweep.kl import ESTIMATORS, SCHEDULES
+from klsweep.algos import ALGORITHMS
+from klsweep.kl import SCHEDULES
 from klsweep.kl.schedules import _accepted_arguments
+from klsweep.models import MODELS
+from klsweep.policy import KLConfig
+from klsweep.schema import ConfigError, check_node, check_value, describe, from_node, spec
+from klsweep.tasks import TASKS
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # the kl node's own keys that feed every schedule (the rest come from kl.schedule.*)
 _KL_SCHEDULE_ARGS = ("beta", "target", "beta_min", "beta_max")
 
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message is one line for the user."""
-
-
-def spec(default: Any = MISSING, **meta: Any) -> Any:
-    return field(default=default, metadata=meta)
+__all__ = ["ConfigError", "build_schedule", "compose_and_validate", "validate"]
 
 
 @dataclass
-class KLSchema:
-    beta: float = spec(kind="number", ge=0)
-    target: float = spec(kind="number", ge=0)
-    placement: str = spec(kind="choice", choices=("reward", "loss", "none"))
-    estimator: str = spec(kind="choice", choices=ESTIMATORS)
-    unit: str = spec(kind="choice", choices=("token", "sequence"))
-    gradient: str = spec(kind="choice", choices=("estimator", "k2"))
-    is_correction: bool = spec(kind="bool")
-    clamp: float = spec(kind="number", gt=0)
-    beta_min: float = spec(kind="number", ge=0)
-    beta_max: float = spec(kind="number", gt=0)
-    max: float = spec(kind="number", gt=0)
-    schedule: dict = spec(kind="node")
+class RunConfig:
+    """The top-level values of a run."""
+
+    seed: int = spec(kind="integer", ge=0, help="seed of the run (prompts, sampling, init)")
+    threads: int | None = spec(kind="integer", ge=1, optional=True,
+                               help="torch CPU threads per run; null: torch's default")
+    name: str | None = spec(kind="string", optional=True,
+                            help="run name; null: algo-estimator-schedule-s<seed>")
+    steps: int = spec(kind="integer", ge=1, help="policy updates (rollouts)")
 
 
 @dataclass
-class GRPOSchema:
-    name: str = spec(kind="choice", choices=("grpo",))
-    kl_placement: str = spec(kind="choice", choices=("reward", "loss", "none"))
-    kl_estimator: str = spec(kind="choice", choices=ESTIMATORS)
-    prompts_per_step: int = spec(kind="integer", ge=1)
-    group_size: int = spec(kind="integer", ge=2)
-    scale_rewards: str = spec(kind="choice", choices=("group", "batch", "none"))
-    clip_eps: float = spec(kind="number", gt=0)
-    loss_agg: str = spec(kind="choice", choices=("token", "sequence"))
-    updates_per_rollout: int = spec(kind="integer", ge=1)
+class TrainerConfig:
+    """Lightning ``Trainer`` arguments (the trainer group)."""
 
-
-@dataclass
-class PPOSchema:
-    name: str = spec(kind="choice", choices=("ppo",))
-    kl_placement: str = spec(kind="choice", choices=("reward", "loss", "none"))
-    kl_estimator: str = spec(kind="choice", choices=ESTIMATORS)
-    prompts_per_step: int = spec(kind="integer", ge=1)
-    samples_per_prompt: int = spec(kind="integer", ge=1)
-    ppo_epochs: int = spec(kind="integer", ge=1)
-    minibatches: int = spec(kind="integer", ge=1)
-    clip_eps: float = spec(kind="number", gt=0)
-    vf_clip: float | None = spec(kind="number", gt=0, optional=True)
-    vf_coef: float = spec(kind="number", ge=0)
-    gamma: float = spec(kind="number", ge=0, le=1)
-    lam: float = spec(kind="number", ge=0, le=1)
-    whiten_advantages: bool = spec(kind="bool")
-
-    @staticmethod
-    def check_run(cfg: DictConfig) -> None:
-        rollouts = cfg.algo.prompts_per_step * cfg.algo.samples_per_prompt
-        if cfg.algo.minibatches > rollouts:
-            raise ConfigError(f"algo.minibatches must be <= the rollouts per step, "
-                              f"prompts_per_step × samples_per_prompt = {rollouts} "
-                              f"(got {cfg.algo.minibatches})")
-
-
-@dataclass
-class DPOSchema:
-    name: str = spec(kind="choice", choices=("dpo",))
-    kl_placement: str = spec(kind="choice", choices=("none",))
-    kl_estimator: str = spec(kind="choice", choices=ESTIMATORS)
-    loss: str = spec(kind="choice", choices=("sigmoid", "robust", "ipo", "hinge"))
-    label_smoothing: float = spec(kind="number", ge=0, lt=0.5)
-    ipo_normalize: bool = spec(kind="bool")
-    labels: str = spec(kind="choice", choices=("bradley_terry", "deterministic"))
-    online: bool = spec(kind="bool")
-    pairs_per_step: int = spec(kind="integer", ge=1)
-    dataset_pairs: int = spec(kind="integer", ge=1)
-    eval_every: int = spec(kind="integer", ge=1)
-    eval_prompts: int = spec(kind="integer", ge=1)
-    eval_samples_per_prompt: int = spec(kind="integer", ge=1)
-
-    @staticmethod
-    def check_run(cfg: DictConfig) -> None:
-        if cfg.kl.placement != "none":
-            raise ConfigError(f"kl.placement must be none for algo=dpo: DPO's β is the KL "
-                              f"coefficient of its own loss (got {_describe(cfg.kl.placement)})")
-        if not cfg.kl.beta > 0:
-            raise ConfigError(f"kl.beta must be > 0 for algo=dpo: it is DPO's β "
-                              f"(got {cfg.kl.beta})")
-
-
-@dataclass
-class DigitsSchema:
-    name: str = spec(kind="choice", choices=("digits",))
-    prompt_digits: int = spec(kind="integer", ge=1)
-    min_len: int = spec(kind="integer", ge=1)
-    max_len: int = spec(kind="integer", ge=1)
-    p_step: float = spec(kind="number", ge=0, le=1)
-    p_stop: float = spec(kind="number", gt=0, le=1)
-    reference_steps: int = spec(kind="integer", ge=1)
-    reference_batch_size: int = spec(kind="integer", ge=1)
-    reference_lr: float = spec(kind="number", gt=0)
-    reference_seed: int = spec(kind="integer", ge=0)
-    cache_dir: str = spec(kind="string")
-
-    @staticmethod
-    def check_run(cfg: DictConfig) -> None:
-        if cfg.task.min_len > cfg.task.max_len:
-            raise ConfigError(f"task.min_len must be <= task.max_len "
-                              f"(got {cfg.task.min_len} > {cfg.task.max_len})")
-
-
-@dataclass
-class ExactSchema:
-    name: str = spec(kind="choice", choices=("exact",))
-    vocab_size: int = spec(kind="integer", ge=2)
-    completion_len: int = spec(kind="integer", ge=1)
-    prompt_len: int = spec(kind="integer", ge=1)
-    n_prompts: int = spec(kind="integer", ge=1)
-    p_step: float = spec(kind="number", ge=0, le=1)
-    reward_scale: float = spec(kind="number", gt=0)
-    eval_every: int = spec(kind="integer", ge=1)
-    prompt_seed: int = spec(kind="integer", ge=0)
-    reference_steps: int = spec(kind="integer", ge=1)
-    reference_batch_size: int = spec(kind="integer", ge=1)
-    reference_lr: float = spec(kind="number", gt=0)
-    reference_seed: int = spec(kind="integer", ge=0)
-    cache_dir: str = spec(kind="string")
-
-    @staticmethod
-    def check_run(cfg: DictConfig) -> None:
-        task = cfg.task
-        prompts = task.vocab_size ** task.prompt_len
-        if task.n_prompts > prompts:
-            raise ConfigError(f"task.n_prompts must be <= task.vocab_size**task.prompt_len = "
-                              f"{prompts} distinct prompts (got {task.n_prompts})")
-        sequences = task.n_prompts * task.vocab_size ** task.completion_len
-        if sequences > EXACT_MAX_SEQUENCES:
-            raise ConfigError(f"task.n_prompts × task.vocab_size**task.completion_len must be "
-                              f"<= {EXACT_MAX_SEQUENCES} to enumerate (got {sequences})")
-
-
-# the exact task enumerates n_prompts × vocab_size**completion_len sequences at each evaluation
-EXACT_MAX_SEQUENCES = 2**18
-
-
-@dataclass
-class TinyModelSchema:
-    name: str = spec(kind="choice", choices=("tiny",))
-    n_layer: int = spec(kind="integer", ge=1)
-    n_head: int = spec(kind="integer", ge=1)
-    n_embd: int = spec(kind="integer", ge=1)
-    dropout: float = spec(kind="number", ge=0, lt=1)
-
-
-@dataclass
-class TrainerSchema:
-    accelerator: str = spec(kind="choice", choices=("auto", "cpu", "gpu", "cuda", "mps"))
-    devices: int = spec(kind="integer", ge=-1)
+    accelerator: str = spec(kind="choice", choices=("auto", "cpu", "gpu", "cuda", "mps"),
+                            help="Lightning accelerator")
+    devices: int = spec(kind="integer", ge=-1, help="devices (-1: all)")
     precision: str = spec(kind="choice", choices=(
-        "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"))
-    strategy: str = spec(kind="string")
-    enable_progress_bar: bool = spec(kind="bool")
+        "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
+        help="Lightning precision")
+    strategy: str = spec(kind="string", help="Lightning strategy (auto, ddp, fsdp)")
+    enable_progress_bar: bool = spec(kind="bool", help="the progress bar")
 
 
 @dataclass
-class OptimSchema:
-    lr: float = spec(kind="number", gt=0)
-    weight_decay: float = spec(kind="number", ge=0)
-    betas: list = spec(kind="list")
-    grad_clip: float = spec(kind="number", ge=0)
+class OptimConfig:
+    """AdamW on the policy's trainable parameters (and an algorithm's own module)."""
+
+    lr: float = spec(kind="number", gt=0, help="learning rate")
+    weight_decay: float = spec(kind="number", ge=0, help="AdamW weight decay")
+    betas: list = spec(kind="list", help="AdamW betas")
+    grad_clip: float = spec(kind="number", ge=0, help="max global grad norm; 0: none")
 
 
 @dataclass
-class RolloutSchema:
-    temperature: float = spec(kind="number", gt=0)
+class RolloutConfig:
+    """Sampling."""
+
+    temperature: float = spec(kind="number", gt=0,
+                              help="sampling temperature; log-probs and KL use the same")
 
 
 @dataclass
-class CheckpointSchema:
-    every: int = spec(kind="integer", ge=1)
+class CheckpointConfig:
+    every: int = spec(kind="integer", ge=1, help="steps between checkpoints")
 
 
 @dataclass
-class TrialSchema:
-    storage: str | None = spec(kind="string", optional=True)
-    study_name: str | None = spec(kind="string", optional=True)
-    number: int | None = spec(kind="integer", ge=0, optional=True)
+class TrialConfig:
+    """Filled by the Optuna sweeper for pruning; null for plain runs."""
+
+    storage: str | None = spec(kind="string", optional=True, help="the study's storage")
+    study_name: str | None = spec(kind="string", optional=True, help="the study")
+    number: int | None = spec(kind="integer", ge=0, optional=True, help="the trial")
 
 
-@dataclass
-class LoggerSchema:
-    name: str = spec(kind="choice", choices=("wandb", "csv", "none"))
-    project: str = spec("klsweep", kind="string")
-    group: str | None = spec(None, kind="string", optional=True)
-    mode: str = spec("auto", kind="choice", choices=("auto", "online", "offline"))
+# node -> its dataclass, for the nodes that have one whatever the choices
+RUN_NODES: dict[str, type] = {"kl": KLConfig, "trainer": TrainerConfig, "optim": OptimConfig,
+                              "rollout": RolloutConfig, "checkpoint": CheckpointConfig,
+                              "trial": TrialConfig}
+# group -> choice name -> its dataclass
+CHOICE_NODES: dict[str, dict[str, type]] = {
+    "algo": {name: algo.Config for name, algo in ALGORITHMS.items()},
+    "task": {name: task.Config for name, task in TASKS.items()},
+    "model": {name: kind.Config for name, kind in MODELS.items()},
+}
 
 
-ALGO_SCHEMAS: dict[str, type] = {"grpo": GRPOSchema, "ppo": PPOSchema, "dpo": DPOSchema}
-TASK_SCHEMAS: dict[str, type] = {"digits": DigitsSchema, "exact": ExactSchema}
-MODEL_SCHEMAS: dict[str, type] = {"tiny": TinyModelSchema}
+def logger_schema(node: Any) -> type | None:
+    """The dataclass that the logger node's ``_target_`` names (None: no logger)."""
+    from hydra.utils import get_class
 
-
-def _describe(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else str(value)
-
-
-def check_value(key: str, value: Any, meta: dict[str, Any]) -> None:
-    """Raise ConfigError unless ``value`` fits the field description ``meta``."""
-    kind = meta.get("kind")
-    if value is None and meta.get("optional"):
-        return
-    got = f"(got {_describe(value)})"
-    if kind in ("number", "integer"):
-        is_int = isinstance(value, int) and not isinstance(value, bool)
-        ok = is_int if kind == "integer" else (is_int or isinstance(value, float))
-        noun = "an integer" if kind == "integer" else "a number"
-        bounds = [f"{op} {meta[name]}" for name, op in
-                  (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")) if name in meta]
-        wanted = f"{noun}{' ' + ' and '.join(bounds) if bounds else ''}"
-        if not ok or (isinstance(value, float) and math.isnan(value)):
-            raise ConfigError(f"{key} must be {wanted} {got}")
-        if not (value >= meta.get("ge", -math.inf) and value > meta.get("gt", -math.inf)
-                and value <= meta.get("le", math.inf) and value < meta.get("lt", math.inf)):
-            raise ConfigError(f"{key} must be {wanted} {got}")
-    elif kind == "choice":
-        if value not in meta["choices"]:
-            allowed = ", ".join(str(c) for c in meta["choices"])
-            raise ConfigError(f"{key} must be one of {allowed} {got}")
-    elif kind == "bool":
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false {got}")
-    elif kind == "string":
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string {got}")
-    elif kind == "list":
-        if not isinstance(value, (list, tuple, ListConfig)):
-            raise ConfigError(f"{key} must be a list {got}")
-    elif kind == "node":
-        if not isinstance(value, (dict, DictConfig)):
-            raise ConfigError(f"{key} must be a config node {got}")
-
-
-def check_node(prefix: str, node: Any, schema: type) -> None:
-    """Check every field of ``node`` against the dataclass ``schema``: no unknown keys,
-    no missing keys, every value of the right kind and range."""
-    if not isinstance(node, (dict, DictConfig)):
-        raise ConfigError(f"{prefix} must be a config node (got {_describe(node)})")
-    names = [f.name for f in fields(schema)]
-    for key in node:
-        if key not in names:
-            raise ConfigError(f"{prefix}.{key} is not a known key "
-                              f"(allowed under {prefix}: {', '.join(names)})")
-    for f in fields(schema):
-        if f.name not in node:
-            if f.default is MISSING:
-                raise ConfigError(f"{prefix}.{f.name} is missing")
-            continue
-        check_value(f"{prefix}.{f.name}", node[f.name], dict(f.metadata))
+    target = node.get("_target_") if isinstance(node, (dict, DictConfig)) else None
+    if target is None:
+        return None
+    try:
+        return get_class(target)
+    except Exception:
+        raise ConfigError(f"logger._target_ must name an importable logger config class "
+                          f"(got {describe(target)})") from None
 
 
 def _check_schedule(kl: DictConfig) -> None:
@@ -282,7 +117,7 @@ def _check_schedule(kl: DictConfig) -> None:
     name = schedule.get("name")
     if name not in SCHEDULES:
         raise ConfigError(f"kl.schedule.name must be one of {', '.join(SCHEDULES)} "
-                          f"(got {_describe(name)})")
+                          f"(got {describe(name)})")
     cls = SCHEDULES[name]
     accepted = _accepted_arguments(cls) - set(_KL_SCHEDULE_ARGS)
     for key, value in schedule.items():
@@ -311,11 +146,12 @@ def build_schedule(kl: DictConfig):
     return make_schedule(kl.schedule.name, **{k: kl[k] for k in _KL_SCHEDULE_ARGS}, **params)
 
 
-def _check_choice_node(key: str, node: Any, schemas: dict[str, type]) -> None:
+def _check_choice_node(key: str, node: Any, schemas: dict[str, type]) -> type:
     name = node.get("name") if isinstance(node, (dict, DictConfig)) else None
     if name not in schemas:
-        raise ConfigError(f"{key}.name must be one of {', '.join(schemas)} (got {_describe(name)})")
+        raise ConfigError(f"{key}.name must be one of {', '.join(schemas)} (got {describe(name)})")
     check_node(key, node, schemas[name])
+    return schemas[name]
 
 
 def validate(cfg: DictConfig) -> None:
@@ -324,30 +160,22 @@ def validate(cfg: DictConfig) -> None:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except Exception as err:  # an interpolation or ??? left unfilled
         raise ConfigError(str(err).splitlines()[0]) from None
-    known = {"seed", "threads", "name", "steps", "kl", "optim", "rollout", "checkpoint", "trial",
-             "algo", "task", "model", "trainer", "logger", "hydra"}
+    run_keys = [f.name for f in fields(RunConfig)]
+    known = {*run_keys, *RUN_NODES, *CHOICE_NODES, "logger", "hydra"}
     for key in cfg:
         if key not in known:
             raise ConfigError(f"{key} is not a known key (allowed: {', '.join(sorted(known))})")
-    check_value("seed", cfg.seed, {"kind": "integer", "ge": 0})
-    check_value("threads", cfg.threads, {"kind": "integer", "ge": 1, "optional": True})
-    check_value("name", cfg.name, {"kind": "string", "optional": True})
-    check_value("steps", cfg.steps, {"kind": "integer", "ge": 1})
-    _check_choice_node("algo", cfg.algo, ALGO_SCHEMAS)
-    check_node("kl", cfg.kl, KLSchema)
+    for f in fields(RunConfig):
+        check_value(f.name, cfg[f.name], dict(f.metadata))
+    chosen = [_check_choice_node(group, cfg[group], schemas)
+              for group, schemas in CHOICE_NODES.items()]
+    for key, schema in RUN_NODES.items():
+        check_node(key, cfg[key], schema)
     _check_schedule(cfg.kl)
-    _check_choice_node("task", cfg.task, TASK_SCHEMAS)
-    _check_choice_node("model", cfg.model, MODEL_SCHEMAS)
-    if cfg.model.n_embd % cfg.model.n_head:
-        raise ConfigError(f"model.n_embd must be a multiple of model.n_head "
-                          f"(got {cfg.model.n_embd} and {cfg.model.n_head})")
-    check_node("trainer", cfg.trainer, TrainerSchema)
-    check_node("optim", cfg.optim, OptimSchema)
-    check_node("rollout", cfg.rollout, RolloutSchema)
-    check_node("checkpoint", cfg.checkpoint, CheckpointSchema)
-    check_node("trial", cfg.trial, TrialSchema)
-    check_node("logger", cfg.logger, LoggerSchema)
-    for schema in (ALGO_SCHEMAS[cfg.algo.name], TASK_SCHEMAS[cfg.task.name]):
+    logger = logger_schema(cfg.logger)
+    if logger is not None:
+        check_node("logger", {k: v for k, v in cfg.logger.items() if k != "_target_"}, logger)
+    for schema in chosen:
         check_run = getattr(schema, "check_run", None)
         if check_run is not None:  # checks that span several keys of the config
             check_run(cfg)
@@ -419,3 +247,39 @@ def compose_and_validate(overrides: dict[str, str], conf_dir: Path = CONF_DIR) -
     GlobalHydra.instance().clear()
     validate(cfg)
     return cfg
+
+
+def choice_config(group: str, choice: str, **overrides: Any) -> Any:
+    """The typed config of one choice with the defaults of its YAML
+    (``conf/<group>/<choice>.yaml``), and ``overrides``: the Python API's way to build, say,
+    a task without composing a whole run."""
+    node = OmegaConf.merge(OmegaConf.load(CONF_DIR / group / f"{choice}.yaml"), overrides)
+    return from_node(CHOICE_NODES[group][choice], OmegaConf.to_container(node, resolve=True))
+
+
+def _node_schemas(cfg: DictConfig) -> list[tuple[str, type]]:
+    """(node, dataclass) for every node of a composed run config that has one."""
+    chosen = [(group, CHOICE_NODES[group][cfg[group].name]) for group in CHOICE_NODES]
+    logger = logger_schema(cfg.logger)
+    return [("", RunConfig), *RUN_NODES.items(), *chosen,
+            *([("logger", logger)] if logger is not None else [])]
+
+
+def options_help(cfg: DictConfig, conf_dir: Path = CONF_DIR) -> str:
+    """``--help``: the config groups and their choices, then every option of the composed
+    config with its value and its help line, read from the same dataclasses that validate."""
+    lines = ["== Config groups (group=choice) =="]
+    lines += [f"  {group}: {', '.join(choices)}"
+              for group, choices in config_groups(conf_dir).items()]
+    for node, schema in _node_schemas(cfg):
+        lines.append(f"\n== {node or 'run'} ==")
+        values = cfg[node] if node else cfg
+        for f in fields(schema):
+            key = f"{node}.{f.name}" if node else f.name
+            value = OmegaConf.select(values, f.name) if f.name in values else None
+            if isinstance(value, DictConfig):
+                value = "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
+            shown = "null" if value is None else str(value).lower() if isinstance(value, bool) \
+                else value
+            lines.append(f"  {key}={shown}".ljust(40) + f"  {f.metadata.get('help', '')}")
+    return "\n".join(lines)

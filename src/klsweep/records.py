@@ -12,11 +12,14 @@ import netrc
 import os
 import platform
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
+
+from klsweep.schema import spec
 
 # The share of the run, at the end, whose mean is a run's final value: a single step is too
 # noisy to rank runs by.
@@ -157,6 +160,45 @@ def define_step_metrics(run: Any) -> None:
     run.define_metric("*", step_metric=STEP_METRIC, step_sync=True)
     for key in STEP_PLOTTED:
         run.define_metric(key, step_metric=STEP_METRIC)
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What every experiment logger is told about the run it records."""
+
+    run_dir: Path
+    name: str
+    group: str | None
+    job_type: str
+    tags: list[str]
+    config: dict[str, Any]
+
+
+@dataclass
+class WandbLoggerConfig:
+    """``logger=wandb``: Weights & Biases through Lightning's WandbLogger."""
+
+    project: str = spec(kind="string", help="W&B project")
+    group: str | None = spec(kind="string", optional=True,
+                             help="W&B group; null: the sweep's name for multiruns")
+    mode: str = spec(kind="choice", choices=("auto", "online", "offline"),
+                     help="auto: online with credentials, else offline")
+
+    def build(self, run: RunIdentity) -> Logger:
+        return make_wandb_logger(run_dir=run.run_dir, project=self.project,
+                                 group=self.group or run.group, name=run.name,
+                                 job_type=run.job_type, tags=run.tags, config=run.config,
+                                 mode=wandb_mode(self.mode))
+
+
+@dataclass
+class CSVLoggerConfig:
+    """``logger=csv``: Lightning's CSVLogger in the run dir, beside the local record."""
+
+    def build(self, run: RunIdentity) -> Logger:
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(run.run_dir, name="csv")
 
 
 def make_wandb_logger(*, run_dir: Path, project: str, group: str | None, name: str,

@@ -11,26 +11,22 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from optuna import TrialPruned
+from torch import nn
 
 from klsweep.algos import ALGORITHMS
 from klsweep.config import build_schedule, validate
 from klsweep.errors import RunFailed
 from klsweep.models import build_models
 from klsweep.module import KLPolicyModule
-from klsweep.policy import KLSettings, PolicyPair
-from klsweep.records import (
-    JsonlLogger,
-    make_wandb_logger,
-    summarize,
-    versions,
-    wandb_mode,
-    write_json,
-)
-from klsweep.tasks import build_task
+from klsweep.policy import KLConfig, PolicyPair
+from klsweep.records import JsonlLogger, RunIdentity, summarize, versions, write_json
+from klsweep.schema import from_node
+from klsweep.tasks import Task, build_task
 from klsweep.tracking import run_tracking
 
 log = logging.getLogger("klsweep")
@@ -40,35 +36,31 @@ def run_name(cfg: DictConfig) -> str:
     return cfg.name or f"{cfg.algo.name}-{cfg.kl.estimator}-{cfg.kl.schedule.name}-s{cfg.seed}"
 
 
-def kl_settings(kl: DictConfig) -> KLSettings:
-    return KLSettings(estimator=kl.estimator, placement=kl.placement, unit=kl.unit,
-                      gradient=kl.gradient, is_correction=kl.is_correction, clamp=kl.clamp)
-
-
-def build_module(cfg: DictConfig) -> KLPolicyModule:
-    """Config → task, policy pair, algorithm and schedule → the LightningModule."""
-    task = build_task(cfg.task)
-    policy, reference = build_models(cfg.model, task)
-    pair = PolicyPair(policy, reference, kl_settings(cfg.kl),
+def build_module(cfg: DictConfig, task: Task | None = None,
+                 models: tuple[nn.Module, nn.Module] | None = None) -> KLPolicyModule:
+    """Config → task, policy pair, algorithm and schedule → the LightningModule. ``task`` and
+    ``models`` replace the ones the config names (the benchmark's)."""
+    task = task or build_task(cfg.task)
+    policy, reference = models or build_models(cfg.model, task)
+    pair = PolicyPair(policy, reference, from_node(KLConfig, cfg.kl),
                       temperature=cfg.rollout.temperature,
                       max_new_tokens=task.max_new_tokens, eos_id=task.eos_id)
-    return KLPolicyModule(pair, task, ALGORITHMS[cfg.algo.name](cfg.algo), build_schedule(cfg.kl),
-                          steps=cfg.steps, seed=cfg.seed, optim=cfg.optim,
-                          kl_target=cfg.kl.target, kl_max=cfg.kl.max)
+    algorithm = ALGORITHMS[cfg.algo.name]
+    return KLPolicyModule(pair, task, algorithm(from_node(algorithm.Config, cfg.algo)),
+                          build_schedule(cfg.kl), steps=cfg.steps, seed=cfg.seed,
+                          optim=cfg.optim, kl_target=cfg.kl.target, kl_max=cfg.kl.max)
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path, group: str | None) -> list:
-    loggers: list = [JsonlLogger(run_dir / "metrics.jsonl")]
-    if cfg.logger.name == "wandb":
-        loggers.append(make_wandb_logger(
-            run_dir=run_dir, project=cfg.logger.project, group=cfg.logger.group or group,
-            name=run_name(cfg), job_type=cfg.algo.name,
-            tags=[cfg.algo.name, cfg.kl.estimator, cfg.kl.schedule.name, cfg.task.name],
-            config=OmegaConf.to_container(cfg, resolve=True), mode=wandb_mode(cfg.logger.mode)))
-    elif cfg.logger.name == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
-        loggers.append(CSVLogger(run_dir, name="csv"))
+def build_loggers(cfg: DictConfig, run_dir: Path, group: str | None) -> list[Logger]:
+    """The local record, and the experiment logger that ``logger._target_`` names."""
+    loggers: list[Logger] = [JsonlLogger(run_dir / "metrics.jsonl")]
+    if cfg.logger.get("_target_") is not None:
+        run = RunIdentity(run_dir=run_dir, name=run_name(cfg), group=group,
+                          job_type=cfg.algo.name,
+                          tags=[cfg.algo.name, cfg.kl.estimator, cfg.kl.schedule.name,
+                                cfg.task.name],
+                          config=OmegaConf.to_container(cfg, resolve=True))
+        loggers.append(instantiate(cfg.logger).build(run))
     return loggers
 
 

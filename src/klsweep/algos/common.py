@@ -15,6 +15,8 @@ from klsweep.policy import Measurement, PolicyPair, Scored
 from klsweep.rollout import Prompts
 from klsweep.tasks.base import Task
 
+LOSS_AGGREGATIONS = ("token", "sequence")
+
 
 def aggregate(values: Tensor, mask: Tensor, loss_agg: str) -> Tensor:
     """Reduce per-token values [B, N] to a scalar. ``token``: mean over every completion token
@@ -24,7 +26,8 @@ def aggregate(values: Tensor, mask: Tensor, loss_agg: str) -> Tensor:
         return masked_mean(values, mask)
     if loss_agg == "sequence":
         return masked_mean(values, mask, dim=1).mean()
-    raise ValueError(f"unknown loss aggregation {loss_agg!r} (allowed: token, sequence)")
+    raise ValueError(f"unknown loss aggregation {loss_agg!r} "
+                     f"(allowed: {', '.join(LOSS_AGGREGATIONS)})")
 
 
 def clipped_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor,
@@ -89,7 +92,10 @@ def sample_and_score(pair: PolicyPair, task: Task, prompts: Prompts, n_per_promp
 
 class Algorithm:
     """What the training loop calls. Subclasses implement ``step``; ``setup`` builds any
-    trainable part of their own (PPO's value head), which trains beside the policy."""
+    trainable part of their own (PPO's value head), which trains beside the policy.
+    ``Config`` is the typed dataclass of the algorithm's config node."""
+
+    Config: type
 
     def __init__(self, config: Any) -> None:
         self.config = config

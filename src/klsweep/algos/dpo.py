@@ -19,12 +19,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from klsweep.algos.common import Algorithm, Optimize, StepResult, sample_and_score
-from klsweep.kl import masked_sum
+from klsweep.kl import ESTIMATORS, masked_sum
 from klsweep.policy import Measurement, PolicyPair
 from klsweep.rollout import Prompts, Rollout
+from klsweep.schema import ConfigError, describe, spec
 from klsweep.tasks.base import Task
 
 LOSSES = ("sigmoid", "robust", "ipo", "hinge")
@@ -151,8 +153,41 @@ class PreferencePairs:
                                self.ref_logp[rows])
 
 
+@dataclass
+class DPOConfig:
+    """``algo=dpo`` (defaults and their sources: conf/algo/dpo.yaml)."""
+
+    name: str = spec(kind="choice", choices=("dpo",), help="the algorithm")
+    kl_placement: str = spec(kind="choice", choices=("none",),
+                             help="none: DPO's β is its own loss's KL coefficient")
+    kl_estimator: str = spec(kind="choice", choices=ESTIMATORS, help="estimator of the logged KL")
+    loss: str = spec(kind="choice", choices=LOSSES, help="the preference loss (TRL loss_type)")
+    label_smoothing: float = spec(kind="number", ge=0, lt=0.5,
+                                  help="ε: cDPO for sigmoid, the known flip rate for robust")
+    ipo_normalize: bool = spec(kind="bool", help="ipo on the per-token mean log-ratio (TRL)")
+    labels: str = spec(kind="choice", choices=LABELS, help="how pairs are labelled from rewards")
+    online: bool = spec(kind="bool", help="fresh pairs from π each step instead of a data set")
+    pairs_per_step: int = spec(kind="integer", ge=1, help="pairs per update")
+    dataset_pairs: int = spec(kind="integer", ge=1, help="size of the offline data set")
+    eval_every: int = spec(kind="integer", ge=1, help="offline: steps between KL measurements")
+    eval_prompts: int = spec(kind="integer", ge=1, help="prompts per KL measurement")
+    eval_samples_per_prompt: int = spec(kind="integer", ge=1,
+                                        help="samples per prompt per KL measurement")
+
+    @staticmethod
+    def check_run(cfg: DictConfig) -> None:
+        if cfg.kl.placement != "none":
+            raise ConfigError(f"kl.placement must be none for algo=dpo: DPO's β is the KL "
+                              f"coefficient of its own loss (got {describe(cfg.kl.placement)})")
+        if not cfg.kl.beta > 0:
+            raise ConfigError(f"kl.beta must be > 0 for algo=dpo: it is DPO's β "
+                              f"(got {cfg.kl.beta})")
+
+
 class DPO(Algorithm):
     """The DPO step on the policy pair."""
+
+    Config = DPOConfig
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)

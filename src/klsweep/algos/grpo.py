@@ -7,10 +7,13 @@ The step reads top to bottom: sample groups → reward → reference log-probs �
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from klsweep.algos.common import (
+    LOSS_AGGREGATIONS,
     Algorithm,
     Optimize,
     StepResult,
@@ -19,10 +22,30 @@ from klsweep.algos.common import (
     sample_and_score,
     sequence_kl_coefficient,
 )
-from klsweep.kl import masked_sum
-from klsweep.policy import PolicyPair
+from klsweep.kl import ESTIMATORS, masked_sum
+from klsweep.policy import PLACEMENTS, PolicyPair
 from klsweep.rollout import Prompts
+from klsweep.schema import spec
 from klsweep.tasks.base import Task
+
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+@dataclass
+class GRPOConfig:
+    """``algo=grpo`` (defaults and their sources: conf/algo/grpo.yaml)."""
+
+    name: str = spec(kind="choice", choices=("grpo",), help="the algorithm")
+    kl_placement: str = spec(kind="choice", choices=PLACEMENTS, help="GRPO's kl.placement")
+    kl_estimator: str = spec(kind="choice", choices=ESTIMATORS, help="GRPO's kl.estimator")
+    prompts_per_step: int = spec(kind="integer", ge=1, help="prompts per rollout")
+    group_size: int = spec(kind="integer", ge=2, help="completions per prompt (G)")
+    scale_rewards: str = spec(kind="choice", choices=SCALE_REWARDS,
+                              help="divide centred rewards by the group's or batch's std, or not")
+    clip_eps: float = spec(kind="number", gt=0, help="PPO clip ε")
+    loss_agg: str = spec(kind="choice", choices=LOSS_AGGREGATIONS,
+                         help="token: mean over the batch's tokens | sequence: per sequence first")
+    updates_per_rollout: int = spec(kind="integer", ge=1, help="μ, gradient steps per rollout")
 
 
 def _advantage_divisor(rewards: Tensor, group_size: int, scale: str, eps: float) -> Tensor:
@@ -34,7 +57,7 @@ def _advantage_divisor(rewards: Tensor, group_size: int, scale: str, eps: float)
         return (rewards.std() + eps).expand(grouped.shape[0], 1)
     if scale == "none":
         return torch.ones(grouped.shape[0], 1, dtype=rewards.dtype, device=rewards.device)
-    raise ValueError(f"unknown advantage scaling {scale!r} (allowed: group, batch, none)")
+    raise ValueError(f"unknown advantage scaling {scale!r} (allowed: {', '.join(SCALE_REWARDS)})")
 
 
 def group_advantages(rewards: Tensor, group_size: int, scale: str = "group",
@@ -74,6 +97,8 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
 
 class GRPO(Algorithm):
     """The GRPO step on the policy pair."""
+
+    Config = GRPOConfig
 
     def step(self, pair: PolicyPair, task: Task, prompts: Prompts, beta: float,
              optimize: Optimize) -> StepResult:

@@ -12,7 +12,10 @@ policy drifts from π_ref only through its own loss and the KL term, as in GRPO 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from klsweep.algos.common import (
@@ -23,10 +26,39 @@ from klsweep.algos.common import (
     sample_and_score,
     sequence_kl_coefficient,
 )
-from klsweep.kl import masked_mean
-from klsweep.policy import PolicyPair
+from klsweep.kl import ESTIMATORS, masked_mean
+from klsweep.policy import PLACEMENTS, PolicyPair
 from klsweep.rollout import Prompts
+from klsweep.schema import ConfigError, spec
 from klsweep.tasks.base import Task
+
+
+@dataclass
+class PPOConfig:
+    """``algo=ppo`` (defaults and their sources: conf/algo/ppo.yaml)."""
+
+    name: str = spec(kind="choice", choices=("ppo",), help="the algorithm")
+    kl_placement: str = spec(kind="choice", choices=PLACEMENTS, help="PPO's kl.placement")
+    kl_estimator: str = spec(kind="choice", choices=ESTIMATORS, help="PPO's kl.estimator")
+    prompts_per_step: int = spec(kind="integer", ge=1, help="prompts per rollout")
+    samples_per_prompt: int = spec(kind="integer", ge=1, help="completions per prompt")
+    ppo_epochs: int = spec(kind="integer", ge=1, help="passes over each rollout")
+    minibatches: int = spec(kind="integer", ge=1, help="minibatches per pass")
+    clip_eps: float = spec(kind="number", gt=0, help="policy clip ε")
+    vf_clip: float | None = spec(kind="number", gt=0, optional=True,
+                                 help="value clip range; null: no value clipping")
+    vf_coef: float = spec(kind="number", ge=0, help="weight of the value loss")
+    gamma: float = spec(kind="number", ge=0, le=1, help="discount γ")
+    lam: float = spec(kind="number", ge=0, le=1, help="GAE λ")
+    whiten_advantages: bool = spec(kind="bool", help="whiten advantages over the batch")
+
+    @staticmethod
+    def check_run(cfg: DictConfig) -> None:
+        rollouts = cfg.algo.prompts_per_step * cfg.algo.samples_per_prompt
+        if cfg.algo.minibatches > rollouts:
+            raise ConfigError(f"algo.minibatches must be <= the rollouts per step, "
+                              f"prompts_per_step × samples_per_prompt = {rollouts} "
+                              f"(got {cfg.algo.minibatches})")
 
 
 def token_rewards(scores: Tensor, mask: Tensor, kl: Tensor | None = None,
@@ -121,6 +153,8 @@ class ValueHead(nn.Module):
 
 class PPO(Algorithm):
     """The PPO step on the policy pair, with its value head."""
+
+    Config = PPOConfig
 
     def setup(self, pair: PolicyPair, seed: int) -> nn.Module:
         """The value head, sized from the policy; it trains beside the policy."""

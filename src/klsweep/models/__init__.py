@@ -4,20 +4,35 @@ and its frozen reference for a task. The interface they implement is ``models/ba
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from klsweep.models.base import Cache, CausalLM
-from klsweep.models.tiny import KVCache, TinyGPT, TinyGPTConfig, build_tiny
+from klsweep.models.hf import HFModelConfig, build_hf
+from klsweep.models.tiny import KVCache, TinyConfig, TinyGPT, build_tiny
+from klsweep.schema import from_node
 
-# name -> build(model config node, task) -> (policy, reference)
-MODELS: dict[str, Callable[[Any, Any], tuple[nn.Module, nn.Module]]] = {"tiny": build_tiny}
+
+@dataclass(frozen=True)
+class ModelKind:
+    """A ``model`` choice: its typed config and ``build(config, task) -> (policy,
+    reference)``."""
+
+    Config: type
+    build: Callable[[Any, Any], tuple[nn.Module, nn.Module]]
+
+
+MODELS: dict[str, ModelKind] = {"tiny": ModelKind(TinyConfig, build_tiny),
+                                "hf": ModelKind(HFModelConfig, build_hf)}
 
 
 def build_models(model_cfg: Any, task: Any) -> tuple[nn.Module, nn.Module]:
     """The policy (trainable) and the reference (frozen) that ``model_cfg`` names."""
-    return MODELS[model_cfg.name](model_cfg, task)
+    kind = MODELS[model_cfg.name]
+    return kind.build(from_node(kind.Config, model_cfg), task)
 
 
-__all__ = ["MODELS", "Cache", "CausalLM", "KVCache", "TinyGPT", "TinyGPTConfig", "build_models"]
+__all__ = ["MODELS", "Cache", "CausalLM", "KVCache", "ModelKind", "TinyConfig", "TinyGPT",
+           "build_models"]

@@ -11,26 +11,36 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from klsweep.models.reference import pretrained_reference
+from klsweep.schema import ConfigError, spec
 
 
 @dataclass
-class TinyGPTConfig:
-    vocab_size: int = 12
-    block_size: int = 32
-    n_layer: int = 2
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
+class TinyConfig:
+    """``model=tiny`` (defaults: conf/model/tiny.yaml). The vocabulary and the context
+    length come from the task."""
+
+    name: str = spec(kind="choice", choices=("tiny",), help="the model")
+    n_layer: int = spec(kind="integer", ge=1, help="transformer blocks")
+    n_head: int = spec(kind="integer", ge=1, help="attention heads")
+    n_embd: int = spec(kind="integer", ge=1, help="width (a multiple of n_head)")
+    dropout: float = spec(kind="number", ge=0, lt=1, help="dropout in attention")
+
+    @staticmethod
+    def check_run(cfg: DictConfig) -> None:
+        if cfg.model.n_embd % cfg.model.n_head:
+            raise ConfigError(f"model.n_embd must be a multiple of model.n_head "
+                              f"(got {cfg.model.n_embd} and {cfg.model.n_head})")
 
 
 class KVCache:
     """Preallocated keys and values of every layer, [B, H, T_max, D] each; ``length`` tokens
     are filled. Writing in place avoids a torch.cat per decoded token (sampling, no grad)."""
 
-    def __init__(self, config: TinyGPTConfig, batch_size: int, max_len: int,
+    def __init__(self, config: TinyConfig, batch_size: int, max_len: int,
                  device: torch.device, dtype: torch.dtype) -> None:
         head_dim = config.n_embd // config.n_head
         shape = (batch_size, config.n_head, max_len, head_dim)
@@ -79,7 +89,7 @@ class SharedPrefix:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: TinyGPTConfig) -> None:
+    def __init__(self, config: TinyConfig) -> None:
         super().__init__()
         assert config.n_embd % config.n_head == 0
         self.n_head = config.n_head
@@ -114,7 +124,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: TinyGPTConfig) -> None:
+    def __init__(self, config: TinyConfig) -> None:
         super().__init__()
         self.fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.proj = nn.Linear(4 * config.n_embd, config.n_embd)
@@ -124,7 +134,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: TinyGPTConfig) -> None:
+    def __init__(self, config: TinyConfig) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
         self.attn = CausalSelfAttention(config)
@@ -140,16 +150,17 @@ class Block(nn.Module):
 class TinyGPT(nn.Module):
     """Token + learned position embeddings, pre-norm blocks, a tied output head."""
 
-    def __init__(self, config: TinyGPTConfig) -> None:
+    def __init__(self, config: TinyConfig, vocab_size: int, block_size: int) -> None:
         super().__init__()
         self.config = config
-        self.vocab_size = config.vocab_size
+        self.vocab_size = vocab_size
+        self.block_size = block_size
         self.hidden_size = config.n_embd
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.wte = nn.Embedding(vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(block_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
         self.init_weights()
 
@@ -172,9 +183,9 @@ class TinyGPT(nn.Module):
         cached and new positions (S = start + T); None: no padding."""
         T = idx.shape[1]
         start = 0 if cache is None or record else cache.length
-        if start + T > self.config.block_size:
+        if start + T > self.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size "
-                             f"{self.config.block_size}")
+                             f"{self.block_size}")
         mask = None
         if attention_mask is None:
             pos = torch.arange(start, start + T, device=idx.device)
@@ -231,17 +242,17 @@ def _padded_causal_mask(attention_mask: Tensor, T: int) -> Tensor:
     return causal & (attention_mask[:, None, None, :] | itself)
 
 
-def build_tiny(model_cfg: Any, task: Any) -> tuple[TinyGPT, TinyGPT]:
+def build_tiny(config: TinyConfig, task: Any) -> tuple[TinyGPT, TinyGPT]:
     """``model=tiny``: the reference is trained by the task's recipe (and cached); the
     policy starts as its copy."""
-    config = TinyGPTConfig(vocab_size=task.vocab_size,
-                           block_size=task.prompt_len + task.max_new_tokens,
-                           n_layer=model_cfg.n_layer, n_head=model_cfg.n_head,
-                           n_embd=model_cfg.n_embd, dropout=model_cfg.dropout)
     recipe = task.reference_recipe()
     if recipe is None:
         raise ValueError(f"model=tiny needs a task that trains its reference "
                          f"(task={task.name} has none)")
-    reference = pretrained_reference(TinyGPT(config), asdict(config), recipe)
+    block_size = task.prompt_len + task.max_new_tokens
+    model_key = {"vocab_size": task.vocab_size, "block_size": block_size} | {
+        k: v for k, v in asdict(config).items() if k != "name"}
+    reference = pretrained_reference(TinyGPT(config, task.vocab_size, block_size), model_key,
+                                     recipe)
     policy = copy.deepcopy(reference).train().requires_grad_(True)
     return policy, reference.requires_grad_(False)

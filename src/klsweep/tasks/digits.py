@@ -15,10 +15,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+from omegaconf import DictConfig
 from torch import Tensor
 
 from klsweep.models.reference import ReferenceRecipe
 from klsweep.rollout import Prompts, Rollout
+from klsweep.schema import ConfigError, spec
 from klsweep.tasks.base import Task
 
 
@@ -31,20 +33,35 @@ def digit_reward(completions: Tensor, mask: Tensor) -> Tensor:
 
 @dataclass
 class DigitsConfig:
-    prompt_digits: int = 4
-    min_len: int = 8
-    max_len: int = 12
-    p_step: float = 0.6
-    p_stop: float = 0.25
-    reference_steps: int = 300
-    reference_batch_size: int = 128
-    reference_lr: float = 3e-3
-    reference_seed: int = 1234
-    cache_dir: str = "~/.cache/klsweep"
+    """``task=digits`` (defaults: conf/task/digits.yaml)."""
+
+    name: str = spec(kind="choice", choices=("digits",), help="the task")
+    prompt_digits: int = spec(kind="integer", ge=1, help="digits in each prompt after BOS")
+    min_len: int = spec(kind="integer", ge=1, help="shortest completion, in digits")
+    max_len: int = spec(kind="integer", ge=1, help="longest completion, in digits")
+    p_step: float = spec(kind="number", ge=0, le=1, help="P(next digit = previous + 1)")
+    p_stop: float = spec(kind="number", gt=0, le=1, help="P(stop) after each digit past min_len")
+    reference_steps: int = spec(kind="integer", ge=1, help="reference training steps")
+    reference_batch_size: int = spec(kind="integer", ge=1, help="reference training batch")
+    reference_lr: float = spec(kind="number", gt=0, help="reference training learning rate")
+    reference_seed: int = spec(kind="integer", ge=0, help="reference training seed")
+    cache_dir: str = spec(kind="string", help="where trained references are cached")
+
+    @staticmethod
+    def check_run(cfg: DictConfig) -> None:
+        if cfg.task.min_len > cfg.task.max_len:
+            raise ConfigError(f"task.min_len must be <= task.max_len "
+                              f"(got {cfg.task.min_len} > {cfg.task.max_len})")
+
+
+def _language(c: DigitsConfig) -> dict:
+    """The settings that shape the reference (its cache key)."""
+    return {k: v for k, v in asdict(c).items() if k != "name"} | {"cache_dir": None}
 
 
 class DigitsTask(Task):
     name = "digits"
+    Config = DigitsConfig
     BOS, EOS = 10, 11
 
     def __init__(self, config: DigitsConfig) -> None:
@@ -99,7 +116,7 @@ class DigitsTask(Task):
     def reference_recipe(self) -> ReferenceRecipe:
         c = self.config
         return ReferenceRecipe(
-            key={"task": self.name, "language": asdict(c) | {"cache_dir": None}},
+            key={"task": self.name, "language": _language(c)},
             sample_batch=lambda g: self.sample_sequences(c.reference_batch_size, g),
             steps=c.reference_steps, lr=c.reference_lr, seed=c.reference_seed,
             cache_dir=c.cache_dir)

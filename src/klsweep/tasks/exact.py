@@ -35,35 +35,54 @@ from pathlib import Path
 import numpy as np
 import torch
 from numpy.typing import NDArray
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from klsweep.exact_math import enumerate_completions, exact_metrics
 from klsweep.models.reference import ReferenceRecipe
 from klsweep.policy import PolicyPair
 from klsweep.rollout import Prompts, Rollout
+from klsweep.schema import ConfigError, spec
 from klsweep.tasks.base import Task
 
 # rows per forward when enumerating: bounds activation memory for large vocabularies
 _ROWS_PER_FORWARD = 16384
 # settings that do not shape the reference model, left out of its cache key
-_NOT_REFERENCE = ("cache_dir", "eval_every", "reward_scale")
+_NOT_REFERENCE = ("name", "cache_dir", "eval_every", "reward_scale")
+# every evaluation enumerates n_prompts × vocab_size**completion_len sequences
+MAX_SEQUENCES = 2**18
 
 
 @dataclass
 class ExactConfig:
-    vocab_size: int = 6
-    completion_len: int = 4
-    prompt_len: int = 2
-    n_prompts: int = 4
-    p_step: float = 0.5
-    reward_scale: float = 1.0
-    eval_every: int = 10
-    prompt_seed: int = 0
-    reference_steps: int = 200
-    reference_batch_size: int = 128
-    reference_lr: float = 3e-3
-    reference_seed: int = 1234
-    cache_dir: str = "~/.cache/klsweep"
+    """``task=exact`` (defaults: conf/task/exact.yaml)."""
+
+    name: str = spec(kind="choice", choices=("exact",), help="the task")
+    vocab_size: int = spec(kind="integer", ge=2, help="tokens (V)")
+    completion_len: int = spec(kind="integer", ge=1, help="completion length (L), no EOS")
+    prompt_len: int = spec(kind="integer", ge=1, help="prompt length")
+    n_prompts: int = spec(kind="integer", ge=1, help="distinct prompts")
+    p_step: float = spec(kind="number", ge=0, le=1, help="P(next token = previous + 1 mod V)")
+    reward_scale: float = spec(kind="number", gt=0, help="reward = scale × mean token / (V − 1)")
+    eval_every: int = spec(kind="integer", ge=1, help="steps between exact evaluations")
+    prompt_seed: int = spec(kind="integer", ge=0, help="seed of the prompt set")
+    reference_steps: int = spec(kind="integer", ge=1, help="reference training steps")
+    reference_batch_size: int = spec(kind="integer", ge=1, help="reference training batch")
+    reference_lr: float = spec(kind="number", gt=0, help="reference training learning rate")
+    reference_seed: int = spec(kind="integer", ge=0, help="reference training seed")
+    cache_dir: str = spec(kind="string", help="where trained references are cached")
+
+    @staticmethod
+    def check_run(cfg: DictConfig) -> None:
+        task = cfg.task
+        prompts = task.vocab_size ** task.prompt_len
+        if task.n_prompts > prompts:
+            raise ConfigError(f"task.n_prompts must be <= task.vocab_size**task.prompt_len = "
+                              f"{prompts} distinct prompts (got {task.n_prompts})")
+        sequences = task.n_prompts * task.vocab_size ** task.completion_len
+        if sequences > MAX_SEQUENCES:
+            raise ConfigError(f"task.n_prompts × task.vocab_size**task.completion_len must be "
+                              f"<= {MAX_SEQUENCES} to enumerate (got {sequences})")
 
 
 @dataclass
@@ -80,6 +99,7 @@ class ExactEvaluation:
 
 class ExactTask(Task):
     name = "exact"
+    Config = ExactConfig
 
     def __init__(self, config: ExactConfig) -> None:
         self.config = config
