@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from klsweep.kl import kl_metrics, kl_penalty_per_token, kl_per_token, masked_mean
+from klsweep.kl import ESTIMATORS, kl_metrics, kl_penalty_per_token, kl_per_token, masked_mean
 from klsweep.models.base import CausalLM
 from klsweep.rollout import (
     Prompts,
@@ -22,6 +22,7 @@ from klsweep.rollout import (
     token_entropy,
     token_logprobs,
 )
+from klsweep.schema import spec
 
 PLACEMENTS = ("reward", "loss", "none")
 UNITS = ("token", "sequence")
@@ -29,15 +30,25 @@ GRADIENTS = ("estimator", "k2")
 
 
 @dataclass(frozen=True)
-class KLSettings:
-    """How the KL is estimated and where it acts (the ``kl`` node, less β and its schedule)."""
+class KLConfig:
+    """The ``kl`` node: β and its schedule, how the KL is estimated and where it acts."""
 
-    estimator: str = "k3"
-    placement: str = "loss"
-    unit: str = "token"
-    gradient: str = "estimator"
-    is_correction: bool = False
-    clamp: float = 20.0
+    beta: float = spec(kind="number", ge=0, help="initial β (the schedule moves it)")
+    target: float = spec(kind="number", ge=0, help="target KL, in kl.unit")
+    placement: str = spec(kind="choice", choices=PLACEMENTS,
+                          help="where the KL acts; each algorithm sets its default")
+    estimator: str = spec(kind="choice", choices=ESTIMATORS,
+                          help="KL estimator in the penalty and kl/mean")
+    unit: str = spec(kind="choice", choices=UNITS,
+                     help="token: mean per token | sequence: sum per sequence")
+    gradient: str = spec(kind="choice", choices=GRADIENTS,
+                         help="k2: the estimator's value with k2's gradient (verl's k3+)")
+    is_correction: bool = spec(kind="bool", help="loss-placed KL times π/π_old")
+    clamp: float = spec(kind="number", gt=0, help="log-ratio clamp before k2/k3")
+    beta_min: float = spec(kind="number", ge=0, help="lower bound of β")
+    beta_max: float = spec(kind="number", gt=0, help="upper bound of β")
+    max: float = spec(kind="number", gt=0, help="a KL (kl.unit) above it ends the run as diverged")
+    schedule: dict = spec(kind="node", help="the β schedule (the schedule group fills it)")
 
 
 @dataclass
@@ -80,7 +91,7 @@ class Measurement:
 class PolicyPair:
     """π_θ and π_ref, and the operations on them that the algorithms share."""
 
-    def __init__(self, policy: CausalLM, reference: CausalLM, kl: KLSettings, *,
+    def __init__(self, policy: CausalLM, reference: CausalLM, kl: KLConfig, *,
                  temperature: float, max_new_tokens: int, eos_id: int) -> None:
         self.policy = policy
         self.reference = reference
@@ -154,7 +165,10 @@ class PolicyPair:
         term = kl_penalty_per_token(logp, ref_logp, kl.estimator, gradient=kl.gradient,
                                     logits=logits, ref_logits=ref_logits, clamp=kl.clamp)
         if kl.is_correction:
-            term = term * torch.exp(logp - old_logp).detach()
+            # the ratio with its gradient (TRL's use_bias_correction_kl, DeepSeek-V3.2):
+            # on-policy its value is 1, but ∇(ρ·k) = k·∇log π + ∇k turns k3's forward-KL
+            # gradient into the reverse-KL one; a detached ratio would change nothing
+            term = term * torch.exp(logp - old_logp)
         return term
 
     # --- what a step logs --------------------------------------------------------------------
