@@ -12,7 +12,7 @@ import torch
 from datasets import Dataset, load_dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2Config
 
-from klsweep.config import ConfigError
+from klsweep.config import ConfigError, choice_config
 from klsweep.errors import RunFailed
 from klsweep.rewards import (
     REWARDS,
@@ -28,7 +28,7 @@ from klsweep.rewards import (
     sentiment_reward,
 )
 from klsweep.rollout import Rollout
-from klsweep.tasks.text import TextConfig, TextTask
+from klsweep.tasks.text import TextTask
 from tests.hf_fixtures import build_tokenizer
 
 HERE = __name__  # the import path of this module, for _target_
@@ -219,8 +219,9 @@ def test_reward_model_scores_prompt_plus_completion_alike_in_any_batch(reward_mo
 def test_the_text_task_adds_its_reward_model_with_its_weight(reward_model_dir, tmp_path):
     prompts = tmp_path / "p.jsonl"
     Dataset.from_list([{"prompt": "The movie was"}]).to_json(str(prompts))
-    config = TextConfig(prompts=str(prompts), reward="length", reward_model=str(reward_model_dir),
-                        reward_model_weight=0.5, reward_batch_size=1)
+    config = choice_config("task", "text", prompts=str(prompts), reward="length",
+                           reward_model=str(reward_model_dir), reward_model_weight=0.5,
+                           reward_batch_size=1)
     task = TextTask(config, AutoTokenizer.from_pretrained(reward_model_dir))
     completion = task.tokenizer(" good.", add_special_tokens=False)["input_ids"] + [task.eos_id]
     index = torch.tensor([0, 0])

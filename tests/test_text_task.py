@@ -14,7 +14,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from omegaconf import OmegaConf
 
-from klsweep.config import CONF_DIR, ConfigError, check_node
+from klsweep.config import CONF_DIR, ConfigError, check_node, choice_config
 from klsweep.errors import RunFailed
 from klsweep.rollout import Rollout
 from klsweep.tasks.text import TextConfig, TextTask, check_text_task
@@ -54,7 +54,12 @@ def write(rows: list[dict], path: Path) -> str:
 
 def make_task(tokenizer, prompts: str, **overrides) -> TextTask:
     overrides.setdefault("reward", {"_target_": f"{HERE}.recording_reward"})
-    return TextTask(TextConfig(prompts=prompts, **overrides), tokenizer)
+    return TextTask(choice_config("task", "text", prompts=prompts, **overrides), tokenizer)
+
+
+def _defaults() -> dict:
+    """conf/task/text.yaml's values."""
+    return dataclasses.asdict(choice_config("task", "text"))
 
 
 @pytest.fixture
@@ -235,7 +240,7 @@ def bad(tmp_path: Path, case: str) -> dict:
     (tmp_path / "folder").mkdir()
     if case == "unknown suffix":
         Path(nodes[case]["prompts"]).write_text("<xml/>")
-    return OmegaConf.create({**dataclasses.asdict(TextConfig()), **nodes[case]})
+    return OmegaConf.create({**_defaults(), **nodes[case]})
 
 
 BAD_INPUTS = {
@@ -282,11 +287,11 @@ def test_check_text_task_passes_a_good_node_and_writes_nothing(tmp_path):
     prompts = write(ROWS, tmp_path / "prompts.jsonl")
     cache = Path(datasets.config.HF_DATASETS_CACHE)
     before = sorted(cache.rglob("*")) if cache.exists() else []
-    check_text_task(OmegaConf.create({**dataclasses.asdict(TextConfig()), "prompts": prompts,
+    check_text_task(OmegaConf.create({**_defaults(), "prompts": prompts,
                                       "reward": [{"name": "arithmetic"}, "sentiment"]}))
     assert list(tmp_path.iterdir()) == [Path(prompts)]
     assert (sorted(cache.rglob("*")) if cache.exists() else []) == before
 
 
 def test_a_hub_dataset_is_not_loaded_by_the_check():
-    check_text_task(OmegaConf.create({**dataclasses.asdict(TextConfig()), "dataset": "imdb"}))
+    check_text_task(OmegaConf.create({**_defaults(), "dataset": "imdb"}))

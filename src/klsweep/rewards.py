@@ -35,8 +35,8 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor
 
-from klsweep.config import ConfigError, check_value
 from klsweep.errors import RunFailed
+from klsweep.schema import ConfigError, check_value
 
 RewardFn = Callable[..., Sequence[float]]
 

@@ -21,7 +21,7 @@ from torch import nn
 from klsweep.algos import ALGORITHMS
 from klsweep.config import build_schedule, validate
 from klsweep.errors import RunFailed
-from klsweep.models import build_models
+from klsweep.models import build_models, load_tokenizer
 from klsweep.module import KLPolicyModule
 from klsweep.policy import KLConfig, PolicyPair
 from klsweep.records import JsonlLogger, RunIdentity, summarize, versions, write_json
@@ -40,7 +40,7 @@ def build_module(cfg: DictConfig, task: Task | None = None,
                  models: tuple[nn.Module, nn.Module] | None = None) -> KLPolicyModule:
     """Config → task, policy pair, algorithm and schedule → the LightningModule. ``task`` and
     ``models`` replace the ones the config names (the benchmark's)."""
-    task = task or build_task(cfg.task)
+    task = task or build_task(cfg.task, load_tokenizer(cfg.model))
     policy, reference = models or build_models(cfg.model, task)
     pair = PolicyPair(policy, reference, from_node(KLConfig, cfg.kl),
                       temperature=cfg.rollout.temperature,

@@ -17,15 +17,23 @@ from klsweep.schema import from_node
 
 @dataclass(frozen=True)
 class ModelKind:
-    """A ``model`` choice: its typed config and ``build(config, task) -> (policy,
-    reference)``."""
+    """A ``model`` choice: its typed config, ``build(config, task) -> (policy, reference)``
+    and, for models of text, ``tokenizer(config)`` (a text task is built with it)."""
 
     Config: type
     build: Callable[[Any, Any], tuple[nn.Module, nn.Module]]
+    tokenizer: Callable[[Any], Any] | None = None
 
 
 MODELS: dict[str, ModelKind] = {"tiny": ModelKind(TinyConfig, build_tiny),
                                 "hf": ModelKind(HFModelConfig, build_hf)}
+
+
+def load_tokenizer(model_cfg: Any) -> Any:
+    """The tokenizer of the model ``model_cfg`` names, or None (the synthetic tasks' models
+    read token ids)."""
+    kind = MODELS[model_cfg.name]
+    return None if kind.tokenizer is None else kind.tokenizer(from_node(kind.Config, model_cfg))
 
 
 def build_models(model_cfg: Any, task: Any) -> tuple[nn.Module, nn.Module]:
@@ -35,4 +43,4 @@ def build_models(model_cfg: Any, task: Any) -> tuple[nn.Module, nn.Module]:
 
 
 __all__ = ["MODELS", "Cache", "CausalLM", "KVCache", "ModelKind", "TinyConfig", "TinyGPT",
-           "build_models"]
+           "build_models", "load_tokenizer"]

@@ -16,6 +16,7 @@ class Task:
     """A prompt distribution, a reward on completions and the reference policy's recipe."""
 
     name = "base"
+    needs_tokenizer = False  # True: built with the model's tokenizer (text tasks)
     vocab_size: int
     eos_id: int
     prompt_len: int
@@ -32,6 +33,11 @@ class Task:
     def reference_recipe(self) -> ReferenceRecipe | None:
         """How the reference is trained for this task (the synthetic tasks: maximum
         likelihood on their language); None: the reference is the pretrained model."""
+        return None
+
+    def preference_pairs(self) -> Rollout | None:
+        """A preference data set of the task's own (rows 2i, 2i+1 = chosen, rejected), which
+        offline DPO trains on instead of labelling π_ref's samples; None: there is none."""
         return None
 
     def should_evaluate(self, step: int, total_steps: int) -> bool:

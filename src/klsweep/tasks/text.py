@@ -11,7 +11,7 @@ with one prompt a line, blank lines skipped) or, for a directory, as written by
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,9 +19,9 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from klsweep.config import ConfigError, spec
 from klsweep.rewards import RewardModel, RewardTerm, reward_terms, score_terms
 from klsweep.rollout import Prompts, Rollout
+from klsweep.schema import ConfigError, from_node, spec
 from klsweep.tasks.base import Task
 
 if TYPE_CHECKING:
@@ -38,46 +38,39 @@ class TextConfig:
     """The ``task`` node of ``task=text`` (conf/task/text.yaml): the class the task uses is
     the schema that validates it."""
 
-    name: str = spec("text", kind="choice", choices=("text",), help="the task")
-    prompts: str | None = spec(None, kind="string", optional=True, help=(
+    name: str = spec(kind="choice", choices=("text",), help="the task")
+    prompts: str | None = spec(kind="string", optional=True, help=(
         "local prompt file (.jsonl/.json/.csv/.parquet/.txt) or save_to_disk directory"))
-    dataset: str | None = spec(None, kind="string", optional=True, help=(
+    dataset: str | None = spec(kind="string", optional=True, help=(
         "a datasets hub id instead of task.prompts (needs a network or the HF cache)"))
-    dataset_config: str | None = spec(None, kind="string", optional=True,
+    dataset_config: str | None = spec(kind="string", optional=True,
                                       help="the hub data set's configuration name, if any")
-    split: str = spec("train", kind="string",
+    split: str = spec(kind="string",
                       help="split of task.dataset or of a saved DatasetDict")
-    prompt_field: str = spec("prompt", kind="string",
+    prompt_field: str = spec(kind="string",
                              help="the column holding the prompt text; other columns go to "
                                   "the rewards as row fields")
-    chat_template: bool = spec(False, kind="bool", help=(
+    chat_template: bool = spec(kind="bool", help=(
         "format each prompt as one user turn with the tokenizer's chat template"))
-    max_prompt_tokens: int = spec(256, kind="integer", ge=1,
+    max_prompt_tokens: int = spec(kind="integer", ge=1,
                                   help="longer prompts keep their last tokens")
-    max_new_tokens: int = spec(64, kind="integer", ge=1,
+    max_new_tokens: int = spec(kind="integer", ge=1,
                                help="the longest completion, EOS included")
-    reward: Any = spec("sentiment", kind="reward", optional=True, help=(
+    reward: Any = spec(kind="reward", optional=True, help=(
         "a built-in name, a {_target_: ...} callable, or a list of terms with weights "
         "(klsweep/rewards.py); checked by check_text_task"))
-    reward_model: str | None = spec(None, kind="string", optional=True, help=(
+    reward_model: str | None = spec(kind="string", optional=True, help=(
         "sequence-classification reward model (hub id or path), added to task.reward"))
-    reward_model_weight: float = spec(1.0, kind="number",
+    reward_model_weight: float = spec(kind="number",
                                       help="the reward model's weight in the sum")
-    reward_batch_size: int = spec(16, kind="integer", ge=1,
+    reward_batch_size: int = spec(kind="integer", ge=1,
                                   help="texts per reward-model forward pass")
-    preferences: str | None = spec(None, kind="string", optional=True, help=(
+    preferences: str | None = spec(kind="string", optional=True, help=(
         "DPO preference file or directory with prompt, chosen, rejected fields (TRL's)"))
 
     @staticmethod
     def check_run(cfg: DictConfig) -> None:
         check_text_task(cfg.task)
-
-
-def text_config(node: Any) -> TextConfig:
-    """The TextConfig of a ``task`` node (keys it lacks keep their defaults)."""
-    if isinstance(node, TextConfig):
-        return node
-    return TextConfig(**{f.name: node[f.name] for f in fields(TextConfig) if f.name in node})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,7 +185,7 @@ def check_text_task(task: Any) -> None:
     """Check a ``task=text`` node before training, writing nothing: the prompt source, its
     prompt field, the preference file and every reward term. Raises ConfigError in one line.
     A hub data set is not loaded here (that would download it); the run checks it."""
-    config = text_config(task)
+    config = task if isinstance(task, TextConfig) else from_node(TextConfig, task)
     _check_source(config)
     columns = None
     if config.prompts is not None:
@@ -225,6 +218,8 @@ class TextTask(Task):
     """Prompts of a text data set for a transformers causal LM, rewarded on decoded text."""
 
     name = "text"
+    Config = TextConfig
+    needs_tokenizer = True
 
     def __init__(self, config: TextConfig, tokenizer: PreTrainedTokenizerBase) -> None:
         self.config = config
