@@ -11,6 +11,7 @@ from torch import nn
 
 from klsweep.models.base import Cache, CausalLM
 from klsweep.models.hf import HFModelConfig, build_hf
+from klsweep.models.hf import load_tokenizer as hf_tokenizer
 from klsweep.models.tiny import KVCache, TinyConfig, TinyGPT, build_tiny
 from klsweep.schema import from_node
 
@@ -26,7 +27,7 @@ class ModelKind:
 
 
 MODELS: dict[str, ModelKind] = {"tiny": ModelKind(TinyConfig, build_tiny),
-                                "hf": ModelKind(HFModelConfig, build_hf)}
+                                "hf": ModelKind(HFModelConfig, build_hf, hf_tokenizer)}
 
 
 def load_tokenizer(model_cfg: Any) -> Any:
