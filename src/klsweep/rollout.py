@@ -154,3 +154,20 @@ def token_entropy(logits: Tensor) -> Tensor:
     """Entropy [B, N] of the next-token distribution at each position."""
     logp_all = torch.log_softmax(logits, dim=-1)
     return -(logp_all.exp() * logp_all).sum(-1)
+
+
+# Elements of full-vocabulary temporaries per chunk of selective_logprobs: 2**26 float32 are
+# 256 MiB, e.g. 2 rows of 256 positions at Qwen2's 151,936-token vocabulary.
+LOGSUMEXP_CHUNK_ELEMENTS = 2**26
+
+
+def selective_logprobs(logits: Tensor, tokens: Tensor, chunk_rows: int | None = None) -> Tensor:
+    """log π(token) [B, N] from logits [B, N, vocab], as ``token_logprobs``, without a
+    log-softmax over the whole vocabulary at every position at once (TRL's
+    selective_log_softmax): the token's logit minus a logsumexp computed ``chunk_rows`` rows
+    of B at a time (None: as many as fit in ``LOGSUMEXP_CHUNK_ELEMENTS``). The chunks are
+    views, so a sliced, non-contiguous ``logits`` is not copied either."""
+    rows = chunk_rows or max(1, LOGSUMEXP_CHUNK_ELEMENTS // max(1, logits[0].numel()))
+    picked = logits.gather(-1, tokens[..., None]).squeeze(-1)
+    norm = torch.cat([torch.logsumexp(chunk, dim=-1) for chunk in logits.split(rows)])
+    return picked - norm
