@@ -392,10 +392,18 @@ def _load(cfg: HFModelConfig, key: str, name: str, revision: str | None) -> PreT
         # loading must not move the run's random state (missing weights are drawn)
         with torch.random.fork_rng(devices=[]):
             return AutoModelForCausalLM.from_pretrained(
-                name, dtype=getattr(torch, cfg.dtype), attn_implementation=cfg.attn_implementation,
-                revision=revision, trust_remote_code=cfg.trust_remote_code)
+                _local_or_hub(name), dtype=getattr(torch, cfg.dtype),
+                attn_implementation=cfg.attn_implementation, revision=revision,
+                trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError, ImportError) as err:
         raise ConfigError(f"{key}={name!r} could not be loaded: {_first_line(err)}") from None
+
+
+def _local_or_hub(name: str) -> str:
+    """``name`` with ``~`` expanded where it is a local directory (transformers expands
+    nothing), else the hub id as given."""
+    path = Path(name).expanduser()
+    return str(path) if path.is_dir() else name
 
 
 def _first_line(err: Exception) -> str:
@@ -474,7 +482,8 @@ def load_tokenizer(model_cfg: Any) -> Any:
     if cfg.checkpoint is None:
         return None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.checkpoint, revision=cfg.revision,
+        tokenizer = AutoTokenizer.from_pretrained(_local_or_hub(cfg.checkpoint),
+                                                  revision=cfg.revision,
                                                   trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError, ImportError) as err:
         raise ConfigError(f"model.checkpoint={cfg.checkpoint!r}: its tokenizer could not be "
