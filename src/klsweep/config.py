@@ -171,6 +171,7 @@ def validate(cfg: DictConfig) -> None:
               for group, schemas in CHOICE_NODES.items()]
     for key, schema in RUN_NODES.items():
         check_node(key, cfg[key], schema)
+    chosen += RUN_NODES.values()
     _check_schedule(cfg.kl)
     logger = logger_schema(cfg.logger)
     if logger is not None:

@@ -99,6 +99,9 @@ class KLPolicyModule(L.LightningModule):
         if self.task.should_evaluate(self.step_count, self.steps):
             metrics.update(self.task.evaluate(self.pair, self.step_count, result.beta_seq))
         self.schedule.update(result.kl, result.n_samples)
+        if self.pair.due_for_sync(self.step_count):
+            self.pair.sync_reference()
+            self.algo.on_reference_sync(self.pair)
         step_s = time.perf_counter() - start
         metrics.update({"kl/beta": beta, "kl/target": self.kl_target, "perf/step_s": step_s,
                         "perf/tokens_per_s": metrics["perf/tokens"] / step_s})

@@ -7,7 +7,9 @@ No Lightning here: the pair is tested alone on CPU, and algorithms see only the 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -22,11 +24,20 @@ from klsweep.rollout import (
     token_entropy,
     token_logprobs,
 )
-from klsweep.schema import spec
+from klsweep.schema import check_node, from_node, spec
 
 PLACEMENTS = ("reward", "loss", "none")
 UNITS = ("token", "sequence")
 GRADIENTS = ("estimator", "k2")
+
+
+@dataclass(frozen=True)
+class ReferenceSync:
+    """``kl.reference``: a moving reference (TR-DPO, Gorbatovski et al. 2024; TRL's
+    ``sync_ref_model``): every ``sync_every`` steps π_ref ← (1−α)·π_ref + α·π_θ."""
+
+    sync_every: int = spec(kind="integer", ge=0, help="steps between syncs; 0: frozen")
+    mix: float = spec(kind="number", gt=0, le=1, help="α of the soft update; 1: a hard copy")
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,15 @@ class KLConfig:
     beta_max: float = spec(kind="number", gt=0, help="upper bound of β")
     max: float = spec(kind="number", gt=0, help="a KL (kl.unit) above it ends the run as diverged")
     schedule: dict = spec(kind="node", help="the β schedule (the schedule group fills it)")
+    reference: ReferenceSync = spec(kind="node", help="a moving reference (kl.reference.*)")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.reference, ReferenceSync):
+            object.__setattr__(self, "reference", from_node(ReferenceSync, self.reference))
+
+    @staticmethod
+    def check_run(cfg: Any) -> None:
+        check_node("kl.reference", cfg.kl.reference, ReferenceSync)
 
 
 @dataclass
@@ -89,7 +109,10 @@ class Measurement:
 
 
 class PolicyPair:
-    """π_θ and π_ref, and the operations on them that the algorithms share."""
+    """π_θ and π_ref, and the operations on them that the algorithms share. With a moving
+    reference (``kl.reference.sync_every`` > 0) it also keeps the initial model, so that
+    ``kl/to_init`` measures the drift users care about while ``kl/mean`` is the penalised KL
+    to the current reference."""
 
     def __init__(self, policy: CausalLM, reference: CausalLM, kl: KLConfig, *,
                  temperature: float, max_new_tokens: int, eos_id: int) -> None:
@@ -99,6 +122,8 @@ class PolicyPair:
         self.temperature = temperature
         self.max_new_tokens = max_new_tokens
         self.eos_id = eos_id
+        self.initial = (copy.deepcopy(reference).requires_grad_(False)
+                        if kl.reference.sync_every > 0 else None)
 
     @property
     def device(self) -> torch.device:
@@ -150,6 +175,20 @@ class PolicyPair:
         return self.policy.completion_hidden(rollout.tokens, rollout.attention_mask,
                                              rollout.prompt_len)
 
+    @torch.no_grad()
+    def sync_reference(self) -> None:
+        """The soft update π_ref ← (1−α)·π_ref + α·π_θ, parameter by parameter (TR-DPO);
+        α = 1 copies the policy."""
+        mix = self.kl.reference.mix
+        policy = dict(self.policy.named_parameters())
+        for name, ref_param in self.reference.named_parameters():
+            ref_param.lerp_(policy[name].detach(), mix)
+
+    def due_for_sync(self, step: int) -> bool:
+        """Whether the reference moves after update ``step`` (0-based)."""
+        every = self.kl.reference.sync_every
+        return every > 0 and (step + 1) % every == 0
+
     # --- the KL ------------------------------------------------------------------------------
     @torch.no_grad()
     def kl_values(self, logp: Tensor, ref_logp: Tensor, logits: Tensor,
@@ -191,5 +230,17 @@ class PolicyPair:
             "perf/samples": float(rewards.numel()),
             "perf/tokens": float(mask.sum()),
         })
+        metrics["kl/to_init"] = (metrics["kl/mean"] if self.initial is None
+                                 else self._kl_to_initial(scored))
         kl = metrics["kl/mean" if self.kl.unit == "token" else "kl/seq"]
         return Measurement(metrics, kl, rewards.numel())
+
+    def _kl_to_initial(self, scored: Scored) -> float:
+        """The configured estimator's mean per token against the initial model."""
+        self.initial.eval()
+        init_logits = completion_logits(self.initial, scored.rollout, self.temperature)
+        init_logp = token_logprobs(init_logits, scored.rollout.completions)
+        kl = kl_per_token(scored.logp.detach(), init_logp, self.kl.estimator,
+                          logits=scored.logits.detach(), ref_logits=init_logits,
+                          clamp=self.kl.clamp)
+        return float(masked_mean(kl, scored.mask))

@@ -110,6 +110,10 @@ class Algorithm:
              optimize: Optimize) -> StepResult:
         raise NotImplementedError
 
+    def on_reference_sync(self, pair: PolicyPair) -> None:
+        """The reference just moved (``kl.reference.sync_every``): refresh anything computed
+        from it."""
+
     def state_dict(self) -> dict[str, Any]:
         """The algorithm's own state beyond its trainable module (saved in checkpoints)."""
         return {}

@@ -229,6 +229,21 @@ class DPO(Algorithm):
                                torch.cat([p.rewards for p in chunks]),
                                torch.cat([p.ref_logp for p in chunks]))
 
+    @torch.no_grad()
+    def on_reference_sync(self, pair: PolicyPair) -> None:
+        """The data set's stored reference log-probs are the old reference's: recompute
+        them (TR-DPO)."""
+        if self.dataset is None:
+            return
+        rollout, chunks = self.dataset.rollout, []
+        for start in range(0, len(self.dataset), _DATASET_CHUNK):
+            rows = torch.arange(2 * start, min(2 * (start + _DATASET_CHUNK), 2 * len(self.dataset)),
+                                device=rollout.tokens.device)
+            part = rollout.rows(rows, group_size=2)
+            _, ref_logp = pair.reference_logprobs(part)
+            chunks.append(masked_sum(ref_logp, part.mask))
+        self.dataset.ref_logp = torch.cat(chunks)
+
     def _next_offline_batch(self, pair: PolicyPair, task: Task) -> PreferencePairs:
         """The next ``pairs_per_step`` pairs of the data set, in a fresh order each epoch."""
         if self.dataset is None:
