@@ -18,6 +18,7 @@ from klsweep.config import (
     compose_and_validate,
     options_help,
 )
+from klsweep.errors import RunFailed
 
 # Flags after which Hydra prints and exits without running a job.
 _INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve",
@@ -41,8 +42,15 @@ def hydra_main(cfg: DictConfig) -> dict[str, Any]:
     from klsweep.train import train
 
     hydra_cfg = HydraConfig.get()
-    group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
-    return train(cfg, Path(hydra_cfg.runtime.output_dir), group=group)
+    if hydra_cfg.mode == RunMode.MULTIRUN:  # the sweeper records a trial's failure
+        return train(cfg, Path(hydra_cfg.runtime.output_dir), group=Path(hydra_cfg.sweep.dir).name)
+    try:
+        return train(cfg, Path(hydra_cfg.runtime.output_dir))
+    except ConfigError as err:  # resume=... that cannot be resumed: nothing was written
+        print(f"klsweep: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except RunFailed as err:  # its summary line, reason included, is already printed
+        sys.exit(err.exit_code)
 
 
 def precheck(args: list[str]) -> None:

@@ -38,6 +38,8 @@ class RunConfig:
     name: str | None = spec(kind="string", optional=True,
                             help="run name; null: algo-estimator-schedule-s<seed>")
     steps: int = spec(kind="integer", ge=1, help="policy updates (rollouts)")
+    resume: str = spec(kind="string",
+                       help="auto: continue the run dir's unfinished run | never | a run dir")
 
 
 @dataclass
@@ -74,7 +76,9 @@ class RolloutConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = spec(kind="integer", ge=1, help="steps between checkpoints")
+    """checkpoints/last.ckpt and best.ckpt: what a resumed run continues from."""
+
+    every: int = spec(kind="integer", ge=1, help="steps between checkpoints (and the last)")
 
 
 @dataclass

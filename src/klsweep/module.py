@@ -1,7 +1,11 @@
 """The LightningModule: it holds the policy pair, the algorithm and the β schedule, feeds the
 algorithm a batch of prompts each step, steers β with the KL the step measured, and records
 the metrics. The algorithms' steps live in ``algos/``; they see the policy pair, never this
-module."""
+module.
+
+Under data parallelism each rank samples its own prompts and completions; the step's metrics,
+the KL that steers β and the sample count are reduced across ranks before anything reads
+them, so that every rank applies the same β update and rank 0's record speaks for all."""
 
 from __future__ import annotations
 
@@ -14,27 +18,47 @@ import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset
 
-from klsweep.algos.common import Algorithm
+from klsweep.algos.common import Algorithm, StepResult
+from klsweep.checkpoint import ResumeError, rng_state, set_rng_state
 from klsweep.errors import KLDiverged, RunFailed
 from klsweep.kl import Schedule
 from klsweep.policy import PolicyPair
+from klsweep.records import JsonlLogger
 from klsweep.rollout import Prompts
 from klsweep.tasks.base import Task
 
+# metrics that count (summed over ranks) or peak (their maximum); the others are means
+SUMMED = ("perf/tokens", "perf/samples", "dpo/pairs")
+PEAKED = ("reward/max",)
+
 
 class PromptStream(IterableDataset):
-    """``steps`` batches of fresh prompts from the task, reproducible from ``seed``."""
+    """``steps`` batches of fresh prompts from the task, reproducible from ``seed``, from
+    batch ``start`` on with the generator ``state`` a checkpoint saved: a resumed stream
+    yields the same batches as the uninterrupted one, none skipped, none repeated."""
 
-    def __init__(self, task: Task, n_prompts: int, steps: int, seed: int) -> None:
-        self.task, self.n_prompts, self.steps, self.seed = task, n_prompts, steps, seed
+    def __init__(self, task: Task, n_prompts: int, steps: int, seed: int, *, start: int = 0,
+                 state: Tensor | None = None) -> None:
+        self.task, self.n_prompts, self.steps, self.start = task, n_prompts, steps, start
+        self.generator = torch.Generator().manual_seed(seed)
+        if state is not None:
+            self.generator.set_state(state)
+        self._before: dict[int, Tensor] = {}
 
     def __len__(self) -> int:
-        return self.steps
+        return self.steps - self.start
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed)
-        for _ in range(self.steps):
-            yield self.task.sample_prompts(self.n_prompts, generator)
+        for step in range(self.start, self.steps):
+            # the loader fetches a batch or two ahead of the step that trains on it
+            self._before[step] = self.generator.get_state()
+            self._before.pop(step - 4, None)
+            yield self.task.sample_prompts(self.n_prompts, self.generator)
+
+    def state_before(self, step: int) -> Tensor:
+        """The generator's state before batch ``step`` was drawn (a batch not yet drawn is
+        the next one, drawn from the current state)."""
+        return self._before.get(step, self.generator.get_state()).clone()
 
 
 class KLPolicyModule(L.LightningModule):
@@ -55,12 +79,17 @@ class KLPolicyModule(L.LightningModule):
         self.automatic_optimization = False
         self.history: list[dict[str, float]] = []
         self.step_count = 0
+        # steps up to this one reached the experiment loggers before a resume: recomputed
+        # identically, they go to the local record only
+        self.logged_until = -1
+        self._restored: dict[str, Any] = {}  # a checkpoint's state that waits for fit
 
     # --- data and optimiser -----------------------------------------------------------------
     def train_dataloader(self) -> torch.utils.data.DataLoader:
-        stream = PromptStream(self.task, self.algo.prompts_per_step(), self.steps,
-                              self.seed + 1000 * self.global_rank)
-        return torch.utils.data.DataLoader(stream, batch_size=None)
+        self.stream = PromptStream(self.task, self.algo.prompts_per_step(), self.steps,
+                                   self.seed + 1000 * self.global_rank, start=self.step_count,
+                                   state=self._restored.pop("stream", None))
+        return torch.utils.data.DataLoader(self.stream, batch_size=None)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         o = self.optim
@@ -85,10 +114,24 @@ class KLPolicyModule(L.LightningModule):
         optimizer.step()
 
     # --- the step --------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        if "optimizer" in self._restored:  # the optimiser exists only once fit has begun
+            self.trainer.optimizers[0].load_state_dict(self._restored.pop("optimizer"))
+        elif self.trainer.world_size > 1:
+            # the ranks were seeded alike; their completions must not share random draws
+            torch.manual_seed(self.seed + 1000 * self.global_rank)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # set last: Lightning draws from the global RNG when it starts the data loader
+        if "rng" in self._restored:
+            set_rng_state(self._restored.pop("rng"))
+
     def training_step(self, prompts: Prompts, batch_idx: int) -> None:
         start = time.perf_counter()
         beta = self.schedule.beta
         result = self.algo.step(self.pair, self.task, prompts, beta, self.optimize)
+        if self.trainer.world_size > 1:
+            result = self._reduced(result, beta)
         metrics = result.metrics
         for key in ("reward/mean", "kl/mean", "loss/total"):
             if key in metrics and not math.isfinite(metrics[key]):
@@ -107,27 +150,87 @@ class KLPolicyModule(L.LightningModule):
                         "perf/tokens_per_s": metrics["perf/tokens"] / step_s})
         self.record(metrics)
 
+    def _reduced(self, result: StepResult, beta: float) -> StepResult:
+        """The step's result over every rank: means, sums of counts, maxima of peaks; plus
+        ``dist/*``, the spread across ranks of the β each applied (0 when they agree) and of
+        the reward each measured on its own samples."""
+        m = result.metrics
+        keys = sorted(m)
+        mean_or_sum = torch.tensor([m[k] for k in keys] + [result.kl, result.beta_seq,
+                                                           float(result.n_samples)],
+                                   dtype=torch.float64, device=self.device)
+        peaks = torch.tensor([m[k] for k in PEAKED if k in m]
+                             + [beta, -beta, m["reward/mean"], -m["reward/mean"]],
+                             dtype=torch.float64, device=self.device)
+        dist = torch.distributed
+        dist.all_reduce(mean_or_sum, op=dist.ReduceOp.SUM)
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+        world = self.trainer.world_size
+        total = mean_or_sum.tolist()
+        metrics = {k: v if k in SUMMED else v / world
+                   for k, v in zip(keys, total[:len(keys)], strict=True)}
+        *peak, beta_max, neg_beta_min, reward_max, neg_reward_min = peaks.tolist()
+        metrics.update(dict(zip([k for k in PEAKED if k in m], peak, strict=True)))
+        metrics.update({"dist/world_size": float(world),
+                        "dist/beta_spread": beta_max + neg_beta_min,
+                        "dist/reward_spread": reward_max + neg_reward_min})
+        kl, beta_seq, n_samples = total[-3:]
+        return StepResult(metrics, kl / world, round(n_samples), beta_seq / world)
+
     def record(self, metrics: dict[str, float]) -> None:
-        """Send one step's metrics to every logger and the progress bar."""
+        """Send one step's metrics to every logger (the progress bar reads the history)."""
         row = {"step": self.step_count, **metrics}
         self.history.append(row)
         for logger in self.loggers:
-            logger.log_metrics(row, step=self.step_count)
-        self.log_dict({"reward": metrics["reward/mean"], "kl": metrics["kl/mean"],
-                       "beta": metrics["kl/beta"]}, prog_bar=True, logger=False,
-                      on_step=True, on_epoch=False, batch_size=1)
-        self.log("reward/mean", metrics["reward/mean"], logger=False, on_step=True,
-                 on_epoch=False, batch_size=1)
+            if isinstance(logger, JsonlLogger) or self.step_count > self.logged_until:
+                logger.log_metrics(row, step=self.step_count)
         self.step_count += 1
 
-    # --- checkpoints --------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["klsweep"] = {"schedule": self.schedule.state_dict(),
-                                 "algorithm": self.algo.state_dict(),
-                                 "step_count": self.step_count}
+    # --- checkpoints (klsweep.checkpoint writes them) -----------------------------------------
+    def trained_state(self) -> dict[str, Tensor]:
+        """The entries of the state dict that training changes: the trainable parameters
+        (with LoRA the adapter only), the buffers of the trained modules, and the reference's
+        parameters only when it moves (``kl.reference.sync_every``)."""
+        moving = self.pair.kl.reference.sync_every > 0
+        trained = {name for name, p in self.named_parameters() if p.requires_grad}
+        trained |= {name for name, _ in self.named_buffers() if not name.startswith("reference.")}
+        return {key: value for key, value in self.state_dict().items()
+                if key in trained or (moving and key.startswith("reference."))}
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What every rank holds alike: the trained tensors, the optimiser, the schedule, the
+        step count and the task's state."""
+        return {"state_dict": self.trained_state(),
+                "optimizer_states": [self.trainer.optimizers[0].state_dict()],
+                "global_step": self.step_count,
+                "klsweep": {"step_count": self.step_count, "schedule": self.schedule.state_dict(),
+                            "task": self.task.state_dict()}}
+
+    def rank_state(self) -> dict[str, Any]:
+        """What each rank holds for itself: its random states, its prompt stream's position
+        and its algorithm's state (DPO's data-set order, last measurement)."""
+        return {"rng": rng_state(), "stream": self.stream.state_before(self.step_count),
+                "algorithm": self.algo.state_dict()}
+
+    def restore(self, checkpoint: dict[str, Any], rank: int) -> None:
+        """Load a checkpoint before fit; the optimiser's and the RNG's state wait for the
+        moment fit can take them (``on_train_start``, ``on_train_batch_start``)."""
         state = checkpoint["klsweep"]
+        ranks = state["ranks"]
+        if rank >= len(ranks):
+            raise ResumeError(f"resume: the checkpoint holds {len(ranks)} ranks' states; this "
+                              f"run has rank {rank} (resume with the same trainer.devices)")
+        trained = checkpoint["state_dict"]
+        expected = set(self.trained_state())
+        _, unexpected = self.load_state_dict(trained, strict=False)
+        if unexpected or expected - set(trained):
+            extra = sorted(set(unexpected) | (expected - set(trained)))
+            raise ResumeError(f"resume: the checkpoint does not fit this model "
+                              f"({', '.join(extra[:3])})")
         self.schedule.load_state_dict(state["schedule"])
-        self.algo.load_state_dict(state["algorithm"])
+        self.task.load_state_dict(state["task"])
         self.step_count = state["step_count"]
+        mine = ranks[rank]
+        self.algo.load_state_dict(mine["algorithm"])
+        self._restored = {"optimizer": checkpoint["optimizer_states"][0], "rng": mine["rng"],
+                          "stream": mine["stream"]}

@@ -7,19 +7,26 @@ holds the final metrics, the status and the versions. The report reads only thes
 from __future__ import annotations
 
 import json
+import logging
 import math
 import netrc
 import os
 import platform
+import socket
+import threading
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
 from klsweep.schema import spec
+
+log = logging.getLogger("klsweep")
 
 # The share of the run, at the end, whose mean is a run's final value: a single step is too
 # noisy to rank runs by.
@@ -71,6 +78,35 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, float]]:
     """The rows of a metrics.jsonl file."""
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def resume_metrics(path: Path, before_step: int, *, rewrite: bool) -> tuple[list[dict], int]:
+    """The rows of ``path`` before ``before_step`` (a resumed run's history), and the last
+    step the file held. With ``rewrite``, the file is cut back to those rows atomically, so
+    the resumed run appends each later step exactly once. A kill can leave half a last line:
+    it is dropped."""
+    if not path.exists():
+        return [], -1
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    kept = [row for row in rows if row["step"] < before_step]
+    if rewrite and len(kept) != len(rows):
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text("".join(json.dumps(row, allow_nan=True) + "\n" for row in kept))
+        os.replace(tmp, path)
+    return kept, max((row["step"] for row in rows), default=-1)
+
+
+def read_summary(path: Path) -> dict[str, Any] | None:
+    """A run's summary.json, or None when it has none (or half of one)."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 def final_mean(rows: list[dict[str, float]], key: str,
@@ -126,15 +162,59 @@ def versions() -> dict[str, str]:
             "hydra": hydra.__version__, "optuna": optuna.__version__, "wandb": wandb.__version__}
 
 
+def wandb_base_url() -> str:
+    """The W&B server a run would talk to: ``WANDB_BASE_URL``, else wandb's default."""
+    import wandb
+
+    return os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url
+
+
 def wandb_credentials_present() -> bool:
     """An API key in the environment or the netrc entry that ``wandb login`` writes."""
     if os.environ.get("WANDB_API_KEY"):
         return True
-    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1]
     try:
-        return netrc.netrc().authenticators(host.split("/")[0]) is not None
+        return netrc.netrc().authenticators(urlsplit(wandb_base_url()).hostname) is not None
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
+
+
+# Seconds a run waits to learn whether the W&B server is there: wandb's own online start
+# waits init_timeout (90 s) before it gives up, minutes per sweep when the network is down.
+REACH_TIMEOUT_S = 2.0
+# A server that accepts the connection but fails or does not answer: wandb's start gives up
+# after this (measured: 15.6 s, then offline within a second).
+INIT_TIMEOUT_S = 15.0
+
+
+def wandb_reachable(base_url: str, timeout: float = REACH_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the W&B server opens within ``timeout`` seconds; nothing
+    is sent, and nothing but that host (and its name's lookup) is contacted. The lookup is
+    not bound by a socket timeout, so the probe runs in a thread that is waited for at most
+    ``timeout``."""
+    url = urlsplit(base_url)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((url.hostname, port), timeout=timeout).close()
+            result.append(True)
+        except (OSError, ValueError):
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True, name="klsweep-wandb-probe")
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def wandb_run_id(run_dir: Path, resumed_id: str | None) -> str:
+    """The W&B run id of the run in ``run_dir``: a resumed run's own, else a new one; kept in
+    ``run_dir/wandb_id`` (the checkpoint holds it too, for ``resume=<another dir>``)."""
+    run_id = resumed_id or uuid.uuid4().hex[:8]
+    (run_dir / "wandb_id").write_text(run_id + "\n")
+    return run_id
 
 
 def wandb_mode(configured: str) -> str:
@@ -167,6 +247,7 @@ class RunIdentity:
     """What every experiment logger is told about the run it records."""
 
     run_dir: Path
+    run_id: str
     name: str
     group: str | None
     job_type: str
@@ -185,7 +266,7 @@ class WandbLoggerConfig:
                      help="auto: online with credentials, else offline")
 
     def build(self, run: RunIdentity) -> Logger:
-        return make_wandb_logger(run_dir=run.run_dir, project=self.project,
+        return make_wandb_logger(run_dir=run.run_dir, run_id=run.run_id, project=self.project,
                                  group=self.group or run.group, name=run.name,
                                  job_type=run.job_type, tags=run.tags, config=run.config,
                                  mode=wandb_mode(self.mode))
@@ -201,21 +282,31 @@ class CSVLoggerConfig:
         return CSVLogger(run.run_dir, name="csv")
 
 
-def make_wandb_logger(*, run_dir: Path, project: str, group: str | None, name: str,
-                      job_type: str, tags: list[str], config: dict[str, Any], mode: str):
-    """A started WandbLogger. An online start that fails (no network) falls back to
-    offline, so a run never fails for W&B."""
+def make_wandb_logger(*, run_dir: Path, run_id: str, project: str, group: str | None,
+                      name: str, job_type: str, tags: list[str], config: dict[str, Any],
+                      mode: str):
+    """A started WandbLogger on run ``run_id`` (a resumed run continues its W&B run). An
+    online start that cannot reach the server, or fails, falls back to offline within
+    seconds, so a run never fails or waits for W&B."""
     import wandb
     from lightning.pytorch.loggers import WandbLogger
 
     os.environ.setdefault("WANDB_SILENT", "true")
     kwargs = dict(project=project, group=group, name=name, job_type=job_type, tags=tags,
-                  save_dir=str(run_dir), config=config, settings=wandb.Settings(silent=True))
+                  save_dir=str(run_dir), config=config, id=run_id, resume="allow",
+                  settings=wandb.Settings(silent=True, init_timeout=INIT_TIMEOUT_S))
+    if mode == "online" and not wandb_reachable(wandb_base_url()):
+        log.warning(f"klsweep: W&B at {wandb_base_url()} is unreachable: logging offline "
+                    f"(wandb sync {run_dir / 'wandb'} uploads it later)")
+        mode = "offline"
     try:
         logger = _started(WandbLogger(mode=mode, **kwargs))
-    except Exception:
+    except Exception as err:
         if mode == "offline":
             raise
+        log.warning(f"klsweep: W&B did not start online ({type(err).__name__}): logging "
+                    f"offline")
+        wandb.teardown()  # else the failed start keeps the run id, and the offline one fails
         logger = _started(WandbLogger(mode="offline", **kwargs))
     define_step_metrics(logger.experiment)
     return logger

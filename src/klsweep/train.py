@@ -3,6 +3,7 @@ metrics (the values a sweeper optimises)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import warnings
@@ -12,19 +13,37 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from optuna import TrialPruned
 from torch import nn
 
 from klsweep.algos import ALGORITHMS
+from klsweep.checkpoint import (
+    GracefulStop,
+    Resume,
+    ResumeError,
+    RunCheckpoint,
+    plan_resume,
+    run_settings,
+)
 from klsweep.config import build_schedule, validate
 from klsweep.errors import RunFailed
 from klsweep.models import build_models, load_tokenizer
 from klsweep.module import KLPolicyModule
 from klsweep.policy import KLConfig, PolicyPair
-from klsweep.records import JsonlLogger, RunIdentity, summarize, versions, write_json
+from klsweep.progress import StepProgressBar
+from klsweep.records import (
+    JsonlLogger,
+    RunIdentity,
+    resume_metrics,
+    summarize,
+    versions,
+    wandb_run_id,
+    write_json,
+)
 from klsweep.schema import from_node
 from klsweep.tasks import Task, build_task
 from klsweep.tracking import run_tracking
@@ -51,11 +70,12 @@ def build_module(cfg: DictConfig, task: Task | None = None,
                           optim=cfg.optim, kl_target=cfg.kl.target, kl_max=cfg.kl.max)
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path, group: str | None) -> list[Logger]:
+def build_loggers(cfg: DictConfig, run_dir: Path, group: str | None,
+                  run_id: str) -> list[Logger]:
     """The local record, and the experiment logger that ``logger._target_`` names."""
     loggers: list[Logger] = [JsonlLogger(run_dir / "metrics.jsonl")]
     if cfg.logger.get("_target_") is not None:
-        run = RunIdentity(run_dir=run_dir, name=run_name(cfg), group=group,
+        run = RunIdentity(run_dir=run_dir, run_id=run_id, name=run_name(cfg), group=group,
                           job_type=cfg.algo.name,
                           tags=[cfg.algo.name, cfg.kl.estimator, cfg.kl.schedule.name,
                                 cfg.task.name],
@@ -64,15 +84,10 @@ def build_loggers(cfg: DictConfig, run_dir: Path, group: str | None) -> list[Log
     return loggers
 
 
-def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
-    callbacks: list[Callback] = [
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best",
-                        monitor="reward/mean", mode="max", save_last=True,
-                        every_n_train_steps=cfg.checkpoint.every),
-        # Lightning lets one callback save by steps or by epochs, not both: this one writes
-        # last.ckpt at the end, whatever the step count.
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", every_n_epochs=1,
-                        enable_version_counter=False)]
+def build_callbacks(cfg: DictConfig, checkpoints: RunCheckpoint) -> list[Callback]:
+    callbacks: list[Callback] = [checkpoints]
+    if cfg.trainer.enable_progress_bar:
+        callbacks.append(StepProgressBar())
     if cfg.trial.storage:  # a trial of an Optuna sweep: report to its pruner
         from klsweep.pruning import TrialPruning
 
@@ -80,11 +95,37 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
     return callbacks
 
 
+def continue_record(module: KLPolicyModule, run_dir: Path, resume: Resume,
+                    rank_zero: bool) -> None:
+    """Give a resumed module its history: the rows of metrics.jsonl before the checkpoint's
+    step. Rank 0 cuts the run dir's file back to them (a fresh run: to nothing), or copies
+    them from the run dir resumed, so that each step is appended exactly once."""
+    record = run_dir / "metrics.jsonl"
+    source = (resume.source or run_dir) / "metrics.jsonl"
+    rows, last = resume_metrics(source, resume.step, rewrite=rank_zero and source == record)
+    if [row["step"] for row in rows] != list(range(resume.step)):
+        raise ResumeError(f"resume: {source} does not hold every step before the checkpoint's "
+                          f"step {resume.step}; resume=never starts the run over")
+    if rank_zero and source != record:
+        record.write_text("".join(json.dumps(row, allow_nan=True) + "\n" for row in rows))
+    module.history = rows
+    module.logged_until = last if resume.checkpoint is not None else -1
+
+
 def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str, Any]:
-    """Fit the configured run in ``run_dir``; return the summary (also in summary.json).
-    A failed run writes its summary with the reason and raises."""
+    """Fit the configured run in ``run_dir``, resuming it as ``resume`` says; return the
+    summary (also in summary.json). A run that fails or is interrupted writes its summary
+    with the reason and raises; a completed run dir is not trained again."""
     validate(cfg)
     started = time.perf_counter()
+    rank_zero = rank_zero_only.rank == 0  # Lightning's DDP ranks > 0 run this too
+    settings = run_settings(OmegaConf.to_container(cfg, resolve=True))
+    resume = plan_resume(cfg.resume, run_dir, settings)
+    if resume.completed is not None:
+        if rank_zero:
+            log.info(f"klsweep: {resume.source} holds a completed run; nothing to train "
+                     f"(resume=never trains it again)")
+        return resume.completed
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, verbose=False)
@@ -92,38 +133,57 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     module = build_module(cfg)
-    loggers = build_loggers(cfg, run_dir, group)
+    if resume.checkpoint is not None:
+        module.restore(resume.checkpoint, rank_zero_only.rank)
+    continue_record(module, run_dir, resume, rank_zero)
+    saved = resume.checkpoint["klsweep"] if resume.checkpoint is not None else {}
+    run_id = wandb_run_id(run_dir, saved.get("wandb_id")) if rank_zero else ""
+    loggers = build_loggers(cfg, run_dir, group, run_id) if rank_zero else []
+    stop = GracefulStop()
+    checkpoints = RunCheckpoint(run_dir, cfg.checkpoint.every, stop,
+                                {"settings": settings, "wandb_id": run_id}, resume)
     trainer = L.Trainer(
-        max_epochs=1, logger=loggers, callbacks=build_callbacks(cfg, run_dir),
+        max_epochs=1, logger=loggers or False, callbacks=build_callbacks(cfg, checkpoints),
         default_root_dir=run_dir, enable_model_summary=False, num_sanity_val_steps=0,
-        log_every_n_steps=1, **OmegaConf.to_container(cfg.trainer, resolve=True))
+        enable_checkpointing=False, log_every_n_steps=1,
+        **OmegaConf.to_container(cfg.trainer, resolve=True))
     status, reason, error = "completed", None, None
     fit_started = time.perf_counter()
     try:
-        trainer.fit(module)
+        with stop:
+            if module.step_count < cfg.steps:  # else killed after its last checkpoint
+                trainer.fit(module)
     except RunFailed as err:
         status, reason, error = err.status, str(err), err
     except TrialPruned as err:  # the sweep's pruner stopped this trial: not a failure
         status, reason, error = "pruned", str(err), err
+    except (KeyboardInterrupt, SystemExit) as err:  # a second Ctrl-C: Lightning exits at once
+        status, reason, error = "interrupted", "stopped at once by a second Ctrl-C", err
     except BaseException as err:
         status, reason, error = "failed", f"{type(err).__name__}: {err}", err
     fit_s = time.perf_counter() - fit_started
+    if not rank_zero:
+        if error is not None:
+            raise error
+        return {}
     try:
-        if trainer.global_rank == 0:
-            module.task.finalize(module.pair, run_dir)
+        module.task.finalize(module.pair, run_dir)
     except Exception as err:  # a run whose record fails to write has failed too
         if error is None:
             status, reason, error = "failed", f"{type(err).__name__}: {err}", err
 
     history = module.history
-    tokens = sum(row.get("perf/tokens", 0.0) for row in history)
+    # this invocation's throughput: a resumed run's earlier steps ran in another process
+    tokens = sum(row.get("perf/tokens", 0.0) for row in history[resume.step:])
     summary: dict[str, Any] = {
         "status": status, "reason": reason, "name": run_name(cfg),
         "algo": cfg.algo.name, "estimator": cfg.kl.estimator,
         "schedule": cfg.kl.schedule.name, "placement": cfg.kl.placement, "task": cfg.task.name,
         "seed": cfg.seed, "steps": cfg.steps, "steps_done": len(history),
+        "resumed_from_step": resume.step,
         "wall_time_s": time.perf_counter() - started, "fit_time_s": fit_s,
         "perf/tokens_per_s": tokens / fit_s if fit_s > 0 else 0.0,
+        **checkpoints.timing(),
         **summarize(history),
         **run_tracking(history, cfg.kl.target,
                        "kl/seq" if cfg.kl.unit == "sequence" else "kl/mean"),
@@ -136,7 +196,10 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
                 {k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
             summary["wandb_dir"] = logger.experiment.dir
             logger.experiment.finish(exit_code=0 if status == "completed" else 1)
-    write_json(run_dir / "summary.json", summary)
+    try:
+        write_json(run_dir / "summary.json", summary)
+    except OSError as err:  # the disk that refused a checkpoint may refuse this too
+        log.error(f"klsweep: cannot write {run_dir / 'summary.json'}: {err}")
     log.info(summary_line(summary))
     if error is not None:
         raise error

@@ -19,4 +19,5 @@ class SweepConfigError(SweepError):
 
 
 class SweepStopped(SweepError):
-    """Too many trials failed (``hydra.sweeper.max_failures``)."""
+    """Too many trials failed (``hydra.sweeper.max_failures``), or one was interrupted
+    (SIGTERM, Ctrl-C): it is queued again, and the same command resumes it."""

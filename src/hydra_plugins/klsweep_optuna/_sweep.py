@@ -131,7 +131,8 @@ class OptunaSweep:
                  f"objectives {', '.join(f'{k} ({v})' for k, v in self.objectives.items())}")
         returns: list[Sequence[JobReturn]] = []
         failures = 0
-        while failures < self.max_failures:
+        interrupted: list[int] = []
+        while failures < self.max_failures and not interrupted:
             fail_stale_trials(study)
             if count(study, DONE) >= self.n_trials or self.grid_finished(study):
                 break
@@ -145,9 +146,19 @@ class OptunaSweep:
                 continue
             results = self.launch(batch)
             returns.append(results)
-            failures += sum(self.tell(study, trial, result) == TrialState.FAIL
-                            for trial, result in zip(batch, results, strict=True))
+            for trial, result in zip(batch, results, strict=True):
+                if self.tell(study, trial, result) != TrialState.FAIL:
+                    continue
+                if getattr(result._return_value, "status", None) == "interrupted":
+                    self.requeue(study, trial)
+                    interrupted.append(trial.number)
+                else:
+                    failures += 1
         self.write_results(study)
+        if interrupted:
+            raise SweepStopped(f"klsweep: sweep interrupted (trial "
+                               f"{', '.join(map(str, interrupted))} stopped with a checkpoint); "
+                               f"the same command resumes it")
         if failures >= self.max_failures:
             raise SweepStopped(f"klsweep: sweep stopped after {failures} failed trials "
                                f"(hydra.sweeper.max_failures={self.max_failures}); see "
@@ -187,6 +198,23 @@ class OptunaSweep:
                 batch.append(trial)
         return batch
 
+    def run_dir_number(self, trial: Trial) -> int:
+        """The number a trial's run dir is named by: its own, or for a re-run of a trial
+        whose worker died or that was interrupted, the first run's, so that the run resumes
+        from the checkpoint it left there (resume=auto)."""
+        attrs = self.storage.get_trial_system_attrs(self.trial_ids[trial.number])
+        return attrs.get("failed_trial", trial.number)
+
+    def requeue(self, study: optuna.Study, trial: Trial) -> None:
+        """Queue an interrupted trial again with its params, as Optuna re-queues a stale one;
+        an interruption is not a failure, so there is no limit on how often."""
+        frozen = self.storage.get_trial(self.trial_ids[trial.number])
+        history = [*frozen.system_attrs.get("retry_history", []), trial.number]
+        study.add_trial(optuna.trial.create_trial(
+            state=TrialState.WAITING, params=frozen.params, distributions=frozen.distributions,
+            system_attrs={**frozen.system_attrs, "retry_history": history,
+                          "failed_trial": frozen.system_attrs.get("failed_trial", trial.number)}))
+
     def launch(self, batch: list[Trial]) -> Sequence[JobReturn]:
         jobs = [[*self.space.fixed,
                  *(override_string(key, value) for key, value in trial.params.items()),
@@ -194,7 +222,7 @@ class OptunaSweep:
                  override_string("trial.study_name", self.study_name),
                  f"trial.number={trial.number}",
                  # one dir per trial, named by its number, so a resumed study adds dirs
-                 f"hydra.sweep.subdir={trial.number}"]
+                 f"hydra.sweep.subdir={self.run_dir_number(trial)}"]
                 for trial in batch]
         ids = [self.trial_ids[trial.number] for trial in batch]
         os.environ.update(self.storage_url.trial_env)  # before any launcher starts a process

@@ -195,6 +195,8 @@ class DPO(Algorithm):
         self.order = torch.empty(0, dtype=torch.long)
         self.last_measurement: Measurement | None = None
         self.steps_done = 0
+        # the random state the offline data set was drawn from (see _dataset)
+        self.dataset_rng: dict[str, Tensor] | None = None
 
     def setup(self, pair: PolicyPair, seed: int) -> nn.Module | None:
         self.seed = seed  # the offline data set's prompts and samples come from it
@@ -244,10 +246,25 @@ class DPO(Algorithm):
             chunks.append(masked_sum(ref_logp, part.mask))
         self.dataset.ref_logp = torch.cat(chunks)
 
+    def _dataset(self, pair: PolicyPair, task: Task) -> PreferencePairs:
+        """The offline data set, drawn at the first step from the global random state as it
+        stands then. A resumed run draws the same pairs again from that saved state, and its
+        own random state stays where its checkpoint put it."""
+        cuda = [pair.device] if pair.device.type == "cuda" else []
+        if self.dataset_rng is None:
+            self.dataset_rng = {"cpu": torch.get_rng_state(),
+                                **({"cuda": torch.cuda.get_rng_state(pair.device)} if cuda else {})}
+            return self._reference_dataset(pair, task)
+        with torch.random.fork_rng(devices=cuda):
+            torch.set_rng_state(self.dataset_rng["cpu"])
+            if cuda:
+                torch.cuda.set_rng_state(self.dataset_rng["cuda"], pair.device)
+            return self._reference_dataset(pair, task)
+
     def _next_offline_batch(self, pair: PolicyPair, task: Task) -> PreferencePairs:
         """The next ``pairs_per_step`` pairs of the data set, in a fresh order each epoch."""
         if self.dataset is None:
-            self.dataset = self._reference_dataset(pair, task)
+            self.dataset = self._dataset(pair, task)
         n = self.config.pairs_per_step
         while self.order.numel() < n:
             self.order = torch.cat([self.order, torch.randperm(len(self.dataset))])
@@ -314,7 +331,14 @@ class DPO(Algorithm):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"order": self.order, "steps_done": self.steps_done}
+        last = self.last_measurement
+        return {"order": self.order, "steps_done": self.steps_done,
+                "dataset_rng": self.dataset_rng,
+                "last_measurement": None if last is None else
+                {"metrics": last.metrics, "kl": last.kl, "n_samples": last.n_samples}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.order, self.steps_done = state["order"], state["steps_done"]
+        self.dataset_rng = state.get("dataset_rng")
+        last = state.get("last_measurement")
+        self.last_measurement = None if last is None else Measurement(**last)

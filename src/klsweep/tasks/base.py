@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -49,6 +50,13 @@ class Task:
         ``exact/*``); ``beta_seq`` is the coefficient on sequence-level KL that the algorithm
         applies."""
         return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs of the task's own state (saved in checkpoints)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
     def finalize(self, pair: PolicyPair, run_dir: Path) -> None:
         """Write the task's own record of the run into ``run_dir`` after fit (the exact

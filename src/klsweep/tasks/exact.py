@@ -31,6 +31,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -201,6 +202,24 @@ class ExactTask(Task):
         self.last_evaluation = ExactEvaluation(step, float(beta_seq), policy_logp, ref_logp,
                                                metrics)
         return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        """The last evaluation, which exact.json is written from: a run resumed after it
+        (killed between its last step and its record) writes the same file."""
+        last = self.last_evaluation
+        if last is None:
+            return {}
+        return {"last_evaluation": {
+            "step": last.step, "beta_seq": last.beta_seq, "metrics": last.metrics,
+            "policy_logp": torch.from_numpy(last.policy_logp),
+            "ref_logp": torch.from_numpy(last.ref_logp)}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        last = state.get("last_evaluation")
+        if last is not None:
+            self.last_evaluation = ExactEvaluation(
+                last["step"], last["beta_seq"], last["policy_logp"].numpy(),
+                last["ref_logp"].numpy(), last["metrics"])
 
     def finalize(self, pair: PolicyPair, run_dir: Path) -> None:
         """Write the last evaluation to ``exact.json``: per prompt every completion with its
