@@ -7,7 +7,7 @@ from klsweep.config import choice_config
 from klsweep.models import build_models
 from klsweep.tasks.digits import DigitsTask, digit_reward
 
-MODEL = OmegaConf.create({"name": "tiny", "n_layer": 1, "n_head": 2, "n_embd": 16,
+MODEL = OmegaConf.create({"kind": "tiny", "n_layer": 1, "n_head": 2, "n_embd": 16,
                           "dropout": 0.0})
 
 

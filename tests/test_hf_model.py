@@ -10,6 +10,7 @@ import torch
 from hf_fixtures import save_tiny_model
 from omegaconf import OmegaConf
 
+from klsweep.config import CONF_DIR
 from klsweep.models.hf import (
     AdapterDisabled,
     HFCausalLM,
@@ -24,7 +25,6 @@ from klsweep.rollout import (
     Prompts,
     completion_logits,
     generate,
-    selective_logprobs,
     token_logprobs,
 )
 from klsweep.schema import ConfigError
@@ -53,9 +53,8 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
     return {arch: str(save_tiny_model(root / arch, arch, seed=1)) for arch in ("gpt2", "llama")}
 
 
-def build(checkpoint: str, task: StandInTask | None = None, **keys):
-    node = OmegaConf.create({"name": "hf", "checkpoint": checkpoint, **keys})
-    return build_hf(node, task or StandInTask())
+def build(name: str, task: StandInTask | None = None, **keys):
+    return build_hf(hf_node(name=name, **keys), task or StandInTask())
 
 
 def padded_batch(generator_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -273,9 +272,9 @@ def test_full_fine_tuning_reference_is_a_frozen_copy(checkpoints):
                                    reference.completion_logits(tokens, mask, PROMPT_LEN))
 
 
-def test_a_reference_checkpoint_is_loaded_frozen_beside_the_policy(checkpoints, tmp_path):
+def test_a_reference_name_is_loaded_frozen_beside_the_policy(checkpoints, tmp_path):
     other = str(save_tiny_model(tmp_path / "other", "llama", seed=2))
-    policy, reference = build(checkpoints["llama"], reference_checkpoint=other)
+    policy, reference = build(checkpoints["llama"], reference_name=other)
     alone, _ = build(other)
     tokens, mask, _ = padded_batch(10)
     with torch.no_grad():
@@ -311,11 +310,11 @@ def test_dtype_sets_the_weights_dtype(checkpoints):
 
 
 def test_tokenizer_pads_left_with_eos(checkpoints):
-    tokenizer = load_tokenizer(OmegaConf.create({"name": "hf", "checkpoint": checkpoints["gpt2"]}))
+    tokenizer = load_tokenizer(hf_node(name=checkpoints["gpt2"]))
     assert tokenizer.padding_side == "left" and tokenizer.pad_token == tokenizer.eos_token
     batch = tokenizer(["good", "What is 2 + 3?"], padding=True, return_tensors="pt")
     assert not bool(batch["attention_mask"][0, 0]) and bool(batch["attention_mask"][0, -1])
-    assert load_tokenizer(OmegaConf.create({"name": "hf"})) is None
+    assert load_tokenizer(hf_node()) is None
 
 
 # --- (e) a random arch trained by the task's recipe -------------------------------------------
@@ -337,8 +336,7 @@ def counting_recipe(cache_dir: str) -> ReferenceRecipe:
 def test_a_random_arch_is_trained_by_the_recipe_and_cached(tmp_path, arch):
     task = StandInTask(name="counting", vocab_size=12, eos_id=11,
                        recipe=counting_recipe(str(tmp_path)))
-    node = OmegaConf.create({"name": "hf", "checkpoint": None, "arch": arch, "n_layer": 1,
-                             "n_head": 2, "n_embd": 16})
+    node = hf_node(name=None, arch=arch, n_layer=1, n_head=2, n_embd=16)
     state = torch.random.get_rng_state()
     policy, reference = build_hf(node, task)
     assert torch.equal(torch.random.get_rng_state(), state)  # nor does building move it
@@ -374,7 +372,8 @@ def test_init_weights_draws_from_the_global_generator(checkpoints):
 # --- (f) one-line errors before training ------------------------------------------------------
 
 def hf_node(**keys):
-    return OmegaConf.create({"name": "hf", **keys})
+    """conf/model/hf.yaml with ``keys`` over it."""
+    return OmegaConf.merge(OmegaConf.load(CONF_DIR / "model" / "hf.yaml"), keys)
 
 
 def assert_one_line(err: pytest.ExceptionInfo, *parts: str) -> None:
@@ -385,17 +384,17 @@ def assert_one_line(err: pytest.ExceptionInfo, *parts: str) -> None:
 
 
 @pytest.mark.parametrize("keys, accelerator, parts", [
-    ({"checkpoint": "/no/such/model"}, "cpu",
-     ["model.checkpoint='/no/such/model'", "no such directory", "hub id"]),
-    ({"checkpoint": "./models/mine"}, "cpu", ["model.checkpoint='./models/mine'", "directory"]),
-    ({"checkpoint": "not a hub id!"}, "cpu", ["model.checkpoint='not a hub id!'", "hub id"]),
+    ({"name": "/no/such/model"}, "cpu",
+     ["model.name='/no/such/model'", "no such directory", "hub id"]),
+    ({"name": "./models/mine"}, "cpu", ["model.name='./models/mine'", "directory"]),
+    ({"name": "not a hub id!"}, "cpu", ["model.name='not a hub id!'", "hub id"]),
     ({"arch": "mamba"}, "cpu", ["model.arch", "gpt2, llama, qwen2", "'mamba'"]),
     ({"dtype": "float16"}, "cpu", ["model.dtype=float16", "float32, bfloat16"]),
     ({"attn_implementation": "flash_attention_2"}, "cpu",
      ["model.attn_implementation=flash_attention_2", "sdpa, eager"]),
     ({"n_embd": 30}, "cpu", ["model.n_embd", "model.n_head", "30"]),
-    ({"reference_checkpoint": "gpt2"}, "cpu", ["model.reference_checkpoint='gpt2'",
-                                               "model.checkpoint"]),
+    ({"reference_name": "gpt2"}, "cpu", ["model.reference_name='gpt2'",
+                                               "model.name"]),
     ({"lora": {"r": 8, "dropout": 0.1}}, "cpu", ["model.lora.dropout", "disable_dropout", "0.1"]),
     ({"lora": {"rank": 8}}, "cpu", ["model.lora.rank", "r, alpha, dropout, target_modules"]),
     ({"lora": {"target_modules": 3}}, "cpu", ["model.lora.target_modules", "3"]),
@@ -407,7 +406,7 @@ def test_check_model_names_the_key_the_value_and_what_is_allowed(keys, accelerat
 
 
 def test_check_model_accepts_a_local_checkpoint_and_gpu_only_settings_on_gpu(checkpoints):
-    check_model(hf_node(checkpoint=checkpoints["gpt2"], lora={"r": 4}), "cpu")
+    check_model(hf_node(name=checkpoints["gpt2"], lora={"r": 4}), "cpu")
     check_model(hf_node(dtype="float16", attn_implementation="flash_attention_2"), "gpu")
 
 
@@ -415,24 +414,25 @@ def test_a_directory_without_config_and_an_uncached_hub_id_offline(tmp_path, mon
     from huggingface_hub import constants
 
     with pytest.raises(ConfigError) as err:
-        check_model(hf_node(checkpoint=str(tmp_path)), "cpu")
+        check_model(hf_node(name=str(tmp_path)), "cpu")
     assert_one_line(err, str(tmp_path), "config.json")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(ConfigError) as err:
-        check_model(hf_node(checkpoint="someone/uncached-model"), "cpu")
-    assert_one_line(err, "model.checkpoint='someone/uncached-model'", "HF_HUB_OFFLINE")
+        check_model(hf_node(name="someone/uncached-model"), "cpu")
+    assert_one_line(err, "model.name='someone/uncached-model'", "HF_HUB_OFFLINE")
 
 
 def test_the_run_check_reads_the_trainer_accelerator_and_the_task():
-    cfg = OmegaConf.create({"model": {"name": "hf", "dtype": "float16"},
-                            "trainer": {"accelerator": "cpu"}, "task": {"name": "digits"}})
+    cfg = OmegaConf.create({"model": hf_node(dtype="float16"),
+                            "trainer": {"accelerator": "cpu"}, "task": {"name": "digits"},
+                            "kl": {"reference": {"sync_every": 0}}})
     with pytest.raises(ConfigError, match="model.dtype=float16"):
         HFModelConfig.check_run(cfg)
     cfg.model.dtype, cfg.task.name = "float32", "text"
     with pytest.raises(ConfigError) as err:
         HFModelConfig.check_run(cfg)
-    assert_one_line(err, "model.checkpoint=null", "task=text")
+    assert_one_line(err, "model.name=null", "task=text")
 
 
 def test_build_errors_are_one_line(checkpoints, tmp_path):
@@ -444,27 +444,27 @@ def test_build_errors_are_one_line(checkpoints, tmp_path):
     (broken / "config.json").write_text("{}")
     with pytest.raises(ConfigError) as err:
         build(str(broken))
-    assert_one_line(err, f"model.checkpoint={str(broken)!r} could not be loaded")
+    assert_one_line(err, f"model.name={str(broken)!r} could not be loaded")
     with pytest.raises(ConfigError) as err:
         build(checkpoints["gpt2"], StandInTask(name="digits", recipe=counting_recipe("x")))
-    assert_one_line(err, "task=digits", "model.checkpoint=null")
+    assert_one_line(err, "task=digits", "model.name=null")
     with pytest.raises(ConfigError) as err:
         build_hf(hf_node(), StandInTask())
-    assert_one_line(err, "task=text has none", "model.checkpoint")
+    assert_one_line(err, "task=text has none", "model.name")
 
 
 # --- chunked log-probs --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("chunk_rows", [None, 1, 2, 5])
-def test_selective_logprobs_equal_token_logprobs_with_their_gradient(chunk_rows):
+def test_chunked_logprobs_equal_one_log_softmax_with_their_gradient(chunk_rows):
     torch.manual_seed(0)
     full = torch.randn(5, 8, 50, requires_grad=True)
     logits = full[:, 1:]  # a non-contiguous view, as completion slices are
     tokens = torch.randint(0, 50, (5, 7))
     weights = torch.randn(5, 7)
-    got = selective_logprobs(logits, tokens, chunk_rows)
+    got = token_logprobs(logits, tokens, chunk_rows)
     (grad_got,) = torch.autograd.grad((got * weights).sum(), full)
-    want = token_logprobs(logits, tokens)
+    want = torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
     (grad_want,) = torch.autograd.grad((want * weights).sum(), full)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(grad_got, grad_want, rtol=0, atol=1e-6)

@@ -53,6 +53,8 @@ class TrainerConfig:
         "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
         help="Lightning precision")
     strategy: str = spec(kind="string", help="Lightning strategy (auto, ddp, fsdp)")
+    activation_checkpointing: bool = spec(kind="bool",
+                                          help="fsdp: recompute each decoder layer's activations")
     enable_progress_bar: bool = spec(kind="bool", help="the progress bar")
 
 
@@ -150,10 +152,18 @@ def build_schedule(kl: DictConfig):
     return make_schedule(kl.schedule.name, **{k: kl[k] for k in _KL_SCHEDULE_ARGS}, **params)
 
 
+def choice_key(group: str) -> str:
+    """The key that says which choice a group's node is: ``model.kind``, since a model's
+    ``name`` is its checkpoint; ``name`` elsewhere."""
+    return "kind" if group == "model" else "name"
+
+
 def _check_choice_node(key: str, node: Any, schemas: dict[str, type]) -> type:
-    name = node.get("name") if isinstance(node, (dict, DictConfig)) else None
+    field_name = choice_key(key)
+    name = node.get(field_name) if isinstance(node, (dict, DictConfig)) else None
     if name not in schemas:
-        raise ConfigError(f"{key}.name must be one of {', '.join(schemas)} (got {describe(name)})")
+        raise ConfigError(f"{key}.{field_name} must be one of {', '.join(schemas)} "
+                          f"(got {describe(name)})")
     check_node(key, node, schemas[name])
     return schemas[name]
 
@@ -264,7 +274,8 @@ def choice_config(group: str, choice: str, **overrides: Any) -> Any:
 
 def _node_schemas(cfg: DictConfig) -> list[tuple[str, type]]:
     """(node, dataclass) for every node of a composed run config that has one."""
-    chosen = [(group, CHOICE_NODES[group][cfg[group].name]) for group in CHOICE_NODES]
+    chosen = [(group, CHOICE_NODES[group][cfg[group][choice_key(group)]])
+              for group in CHOICE_NODES]
     logger = logger_schema(cfg.logger)
     return [("", RunConfig), *RUN_NODES.items(), *chosen,
             *([("logger", logger)] if logger is not None else [])]

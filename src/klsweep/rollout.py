@@ -80,6 +80,13 @@ class Rollout:
                        prompt_index=None if self.prompt_index is None
                        else self.prompt_index[index])
 
+    def to(self, device: torch.device) -> Rollout:
+        return Rollout(tokens=self.tokens.to(device), prompt_mask=self.prompt_mask.to(device),
+                       mask=self.mask.to(device), old_logp=self.old_logp.to(device),
+                       group_size=self.group_size,
+                       prompt_index=None if self.prompt_index is None
+                       else self.prompt_index.to(device))
+
     @staticmethod
     def cat(parts: list[Rollout]) -> Rollout:
         """Rollouts of one prompt width stacked by rows."""
@@ -145,29 +152,24 @@ def completion_logits(model: CausalLM, rollout: Rollout, temperature: float = 1.
     return logits / temperature if temperature != 1.0 else logits
 
 
-def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
-    """log π(token) [B, N] from logits [B, N, vocab]."""
-    return torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+# Elements of full-vocabulary temporaries per chunk of token_logprobs: 2**26 float32 are
+# 256 MiB, a batch of rows at a 150k vocabulary instead of the whole [B, N, V] at once
+LOGSOFTMAX_CHUNK_ELEMENTS = 2**26
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, chunk_rows: int | None = None) -> Tensor:
+    """log π(token) [B, N] from logits [B, N, vocab]. The log-softmax is taken ``chunk_rows``
+    rows of B at a time (None: as many as fit in ``LOGSOFTMAX_CHUNK_ELEMENTS``), so that a
+    full-vocabulary temporary never exists for every position at once (the memory peak at a
+    150k vocabulary; TRL's selective_log_softmax has the same aim). Each row's numbers are
+    those of one log-softmax over the whole tensor."""
+    rows = chunk_rows or max(1, LOGSOFTMAX_CHUNK_ELEMENTS // max(1, logits[0].numel()))
+    return torch.cat([torch.log_softmax(chunk, dim=-1).gather(-1, index[..., None]).squeeze(-1)
+                      for chunk, index in zip(logits.split(rows), tokens.split(rows),
+                                              strict=True)])
 
 
 def token_entropy(logits: Tensor) -> Tensor:
     """Entropy [B, N] of the next-token distribution at each position."""
     logp_all = torch.log_softmax(logits, dim=-1)
     return -(logp_all.exp() * logp_all).sum(-1)
-
-
-# Elements of full-vocabulary temporaries per chunk of selective_logprobs: 2**26 float32 are
-# 256 MiB, e.g. 2 rows of 256 positions at Qwen2's 151,936-token vocabulary.
-LOGSUMEXP_CHUNK_ELEMENTS = 2**26
-
-
-def selective_logprobs(logits: Tensor, tokens: Tensor, chunk_rows: int | None = None) -> Tensor:
-    """log π(token) [B, N] from logits [B, N, vocab], as ``token_logprobs``, without a
-    log-softmax over the whole vocabulary at every position at once (TRL's
-    selective_log_softmax): the token's logit minus a logsumexp computed ``chunk_rows`` rows
-    of B at a time (None: as many as fit in ``LOGSUMEXP_CHUNK_ELEMENTS``). The chunks are
-    views, so a sliced, non-contiguous ``logits`` is not copied either."""
-    rows = chunk_rows or max(1, LOGSUMEXP_CHUNK_ELEMENTS // max(1, logits[0].numel()))
-    picked = logits.gather(-1, tokens[..., None]).squeeze(-1)
-    norm = torch.cat([torch.logsumexp(chunk, dim=-1) for chunk in logits.split(rows)])
-    return picked - norm

@@ -47,6 +47,7 @@ from klsweep.records import (
 from klsweep.schema import from_node
 from klsweep.tasks import Task, build_task
 from klsweep.tracking import run_tracking
+from klsweep.trainer import trainer_arguments
 
 log = logging.getLogger("klsweep")
 
@@ -146,7 +147,7 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
         max_epochs=1, logger=loggers or False, callbacks=build_callbacks(cfg, checkpoints),
         default_root_dir=run_dir, enable_model_summary=False, num_sanity_val_steps=0,
         enable_checkpointing=False, log_every_n_steps=1,
-        **OmegaConf.to_container(cfg.trainer, resolve=True))
+        **trainer_arguments(cfg.trainer, module.policy))
     status, reason, error = "completed", None, None
     fit_started = time.perf_counter()
     try:

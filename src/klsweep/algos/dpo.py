@@ -213,8 +213,15 @@ class DPO(Algorithm):
 
     @torch.no_grad()
     def _reference_dataset(self, pair: PolicyPair, task: Task) -> PreferencePairs:
-        """``dataset_pairs`` pairs of π_ref samples on fresh prompts, labelled once, with
-        their reference log-probs computed once."""
+        """The task's own preference pairs when it has them (a preference file), else
+        ``dataset_pairs`` pairs of π_ref samples on fresh prompts, labelled once; their
+        reference log-probs computed once."""
+        given = task.preference_pairs()
+        if given is not None:
+            # a file's pairs come labelled, without task rewards
+            rollout = given.to(pair.device)
+            rewards = torch.full((rollout.tokens.shape[0],), float("nan"), device=pair.device)
+            return PreferencePairs(rollout, rewards, self._reference_logps(pair, rollout))
         c = self.config
         generator = torch.Generator().manual_seed(self.seed)
         chunks = []
@@ -231,20 +238,24 @@ class DPO(Algorithm):
                                torch.cat([p.rewards for p in chunks]),
                                torch.cat([p.ref_logp for p in chunks]))
 
-    @torch.no_grad()
-    def on_reference_sync(self, pair: PolicyPair) -> None:
-        """The data set's stored reference log-probs are the old reference's: recompute
-        them (TR-DPO)."""
-        if self.dataset is None:
-            return
-        rollout, chunks = self.dataset.rollout, []
-        for start in range(0, len(self.dataset), _DATASET_CHUNK):
-            rows = torch.arange(2 * start, min(2 * (start + _DATASET_CHUNK), 2 * len(self.dataset)),
+    @staticmethod
+    def _reference_logps(pair: PolicyPair, rollout: Rollout) -> Tensor:
+        """Sequence log-probs under π_ref of every row, ``_DATASET_CHUNK`` pairs at a time."""
+        chunks = []
+        for start in range(0, rollout.tokens.shape[0], 2 * _DATASET_CHUNK):
+            rows = torch.arange(start, min(start + 2 * _DATASET_CHUNK, rollout.tokens.shape[0]),
                                 device=rollout.tokens.device)
             part = rollout.rows(rows, group_size=2)
             _, ref_logp = pair.reference_logprobs(part)
             chunks.append(masked_sum(ref_logp, part.mask))
-        self.dataset.ref_logp = torch.cat(chunks)
+        return torch.cat(chunks)
+
+    @torch.no_grad()
+    def on_reference_sync(self, pair: PolicyPair) -> None:
+        """The data set's stored reference log-probs are the old reference's: recompute
+        them (TR-DPO)."""
+        if self.dataset is not None:
+            self.dataset.ref_logp = self._reference_logps(pair, self.dataset.rollout)
 
     def _dataset(self, pair: PolicyPair, task: Task) -> PreferencePairs:
         """The offline data set, drawn at the first step from the global random state as it
@@ -319,16 +330,18 @@ class DPO(Algorithm):
         loss = losses.mean()
         optimize(loss)
         scores = batch.rewards.view(-1, 2)
-        return {
+        metrics = {
             "loss/dpo": float(loss.detach()),
             "loss/total": float(loss.detach()),
             "dpo/margin": float((chosen - rejected).mean()),
             "dpo/accuracy": float((chosen > rejected).float().mean()),
             "dpo/chosen_reward": float(chosen.mean()),
             "dpo/rejected_reward": float(rejected.mean()),
-            "dpo/score_gap": float((scores[:, 0] - scores[:, 1]).mean()),
             "dpo/pairs": float(scores.shape[0]),
         }
+        if not bool(scores.isnan().any()):  # a preference file's pairs carry no task reward
+            metrics["dpo/score_gap"] = float((scores[:, 0] - scores[:, 1]).mean())
+        return metrics
 
     def state_dict(self) -> dict[str, Any]:
         last = self.last_measurement

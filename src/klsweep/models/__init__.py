@@ -33,13 +33,13 @@ MODELS: dict[str, ModelKind] = {"tiny": ModelKind(TinyConfig, build_tiny),
 def load_tokenizer(model_cfg: Any) -> Any:
     """The tokenizer of the model ``model_cfg`` names, or None (the synthetic tasks' models
     read token ids)."""
-    kind = MODELS[model_cfg.name]
+    kind = MODELS[model_cfg.kind]
     return None if kind.tokenizer is None else kind.tokenizer(from_node(kind.Config, model_cfg))
 
 
 def build_models(model_cfg: Any, task: Any) -> tuple[nn.Module, nn.Module]:
     """The policy (trainable) and the reference (frozen) that ``model_cfg`` names."""
-    kind = MODELS[model_cfg.name]
+    kind = MODELS[model_cfg.kind]
     return kind.build(from_node(kind.Config, model_cfg), task)
 
 

@@ -2,8 +2,8 @@
 
 ``HFCausalLM`` adapts a transformers model (or a peft LoRA model around one) to the
 interface of ``models/base.py``. ``build_hf`` makes the policy and its reference: a frozen
-copy, another checkpoint (``model.reference_checkpoint``), or, with LoRA, the policy itself
-with its adapter disabled (no second copy in memory, as TRL). With ``model.checkpoint:
+copy, another checkpoint (``model.reference_name``), or, with LoRA, the policy itself
+with its adapter disabled (no second copy in memory, as TRL). With ``model.name:
 null`` a random ``model.arch`` at the task's vocabulary is trained by the task's reference
 recipe, as ``model=tiny`` is, so the synthetic tasks run on real transformer architectures.
 """
@@ -59,34 +59,34 @@ class LoraSettings:
 class HFModelConfig:
     """``model=hf`` (defaults: conf/model/hf.yaml): a transformers causal LM."""
 
-    name: str = spec("hf", kind="choice", choices=("hf",), help="the model")
-    checkpoint: str | None = spec(None, kind="string", optional=True,
-                                  help="hub id or local dir; null: a random arch trained by "
-                                       "the task's recipe")
-    arch: str = spec("llama", kind="choice", choices=ARCHS,
-                     help="architecture built when checkpoint is null")
-    n_layer: int = spec(2, kind="integer", ge=1, help="layers of arch")
-    n_head: int = spec(4, kind="integer", ge=1, help="attention heads of arch")
-    n_embd: int = spec(128, kind="integer", ge=1, help="width of arch (a multiple of n_head)")
-    dtype: str = spec("float32", kind="choice", choices=DTYPES,
+    kind: str = spec(kind="choice", choices=("hf",), help="the model kind")
+    name: str | None = spec(kind="string", optional=True,
+                            help="hub id or local dir; null: a random arch trained by the "
+                                 "task's recipe")
+    arch: str = spec(kind="choice", choices=ARCHS,
+                     help="architecture built when name is null")
+    n_layer: int = spec(kind="integer", ge=1, help="layers of arch")
+    n_head: int = spec(kind="integer", ge=1, help="attention heads of arch")
+    n_embd: int = spec(kind="integer", ge=1, help="width of arch (a multiple of n_head)")
+    dtype: str = spec(kind="choice", choices=DTYPES,
                       help="weights' dtype; float32 with trainer precision bf16-mixed on GPU")
-    attn_implementation: str = spec("sdpa", kind="choice", choices=ATTENTION,
+    attn_implementation: str = spec(kind="choice", choices=ATTENTION,
                                     help="transformers attention kernel")
-    gradient_checkpointing: bool = spec(False, kind="bool",
+    gradient_checkpointing: bool = spec(kind="bool",
                                         help="recompute the policy's activations in backward")
-    disable_dropout: bool = spec(True, kind="bool",
+    disable_dropout: bool = spec(kind="bool",
                                  help="zero every dropout, so that π_θ scores tokens as it "
                                       "sampled them (TRL's disable_dropout)")
-    trust_remote_code: bool = spec(False, kind="bool",
+    trust_remote_code: bool = spec(kind="bool",
                                    help="run a checkpoint's own modelling code")
-    revision: str | None = spec(None, kind="string", optional=True,
-                                help="branch, tag or commit of checkpoint; null: the default")
-    lora: LoraSettings | None = spec(None, kind="node", optional=True,
+    revision: str | None = spec(kind="string", optional=True,
+                                help="branch, tag or commit of name; null: the default")
+    lora: LoraSettings | None = spec(kind="node", optional=True,
                                      help="null: full fine-tuning; else a LoRA adapter")
-    reference_checkpoint: str | None = spec(None, kind="string", optional=True,
-                                            help="null: the reference is the starting policy; "
-                                                 "else this checkpoint")
-    chunk_rows: int | None = spec(None, kind="integer", ge=1, optional=True,
+    reference_name: str | None = spec(kind="string", optional=True,
+                                      help="null: the reference is the starting policy; else "
+                                           "this checkpoint")
+    chunk_rows: int | None = spec(kind="integer", ge=1, optional=True,
                                   help="rows per forward pass without gradient (reference "
                                        "scoring): bounds activation memory; null: all")
 
@@ -100,10 +100,14 @@ class HFModelConfig:
         from klsweep.tasks import TASKS
 
         check_model(cfg.model, cfg.trainer.accelerator)
-        if cfg.model.get("checkpoint") is None and TASKS[cfg.task.name].needs_tokenizer:
-            raise ConfigError(f"model.checkpoint=null builds a random model without a tokenizer, "
-                              f"which task={cfg.task.name} needs: set model.checkpoint to a hub "
+        if cfg.model.get("name") is None and TASKS[cfg.task.name].needs_tokenizer:
+            raise ConfigError(f"model.name=null builds a random model without a tokenizer, "
+                              f"which task={cfg.task.name} needs: set model.name to a hub "
                               f"id or a local directory")
+        if cfg.model.lora is not None and cfg.kl.reference.sync_every > 0:
+            raise ConfigError(f"kl.reference.sync_every must be 0 with model.lora: the "
+                              f"reference is the adapter-disabled policy, with no weights of "
+                              f"its own to move (got {cfg.kl.reference.sync_every})")
 
 
 def _check_lora_node(node: Any) -> None:
@@ -300,8 +304,8 @@ def save_adapter(policy: HFCausalLM, directory: str | Path) -> None:
 def build_hf(model_cfg: Any, task: Any) -> tuple[HFCausalLM, nn.Module]:
     """``model=hf``: the policy (in train mode) and its reference (frozen, eval mode)."""
     cfg = _config(model_cfg)
-    base = _from_checkpoint(cfg, task) if cfg.checkpoint is not None else _from_recipe(cfg, task)
-    reference = None if cfg.reference_checkpoint is None else _reference_checkpoint(cfg, base)
+    base = _from_checkpoint(cfg, task) if cfg.name is not None else _from_recipe(cfg, task)
+    reference = None if cfg.reference_name is None else _reference_name(cfg, base)
     if cfg.lora is not None:
         policy = HFCausalLM(_with_lora(base.model, cfg.lora), cfg.chunk_rows)
         reference = AdapterDisabled(policy) if reference is None else reference
@@ -323,13 +327,13 @@ def _config(model_cfg: Any) -> HFModelConfig:
 
 def _from_checkpoint(cfg: HFModelConfig, task: Any) -> HFCausalLM:
     if task.reference_recipe() is not None:
-        raise ConfigError(f"model.checkpoint={cfg.checkpoint!r} is pretrained, but "
+        raise ConfigError(f"model.name={cfg.name!r} is pretrained, but "
                           f"task={task.name} trains its reference from scratch: set "
-                          f"model.checkpoint=null and model.arch (allowed: {', '.join(ARCHS)})")
-    loaded = _load(cfg, "model.checkpoint", cfg.checkpoint, cfg.revision)
+                          f"model.name=null and model.arch (allowed: {', '.join(ARCHS)})")
+    loaded = _load(cfg, "model.name", cfg.name, cfg.revision)
     model = HFCausalLM(loaded, cfg.chunk_rows)
     if task.vocab_size > model.vocab_size:
-        raise ConfigError(f"model.checkpoint={cfg.checkpoint!r} has {model.vocab_size} token "
+        raise ConfigError(f"model.name={cfg.name!r} has {model.vocab_size} token "
                           f"ids, fewer than task={task.name}'s {task.vocab_size}")
     return _dropout_off(model) if cfg.disable_dropout else model
 
@@ -339,9 +343,9 @@ def _from_recipe(cfg: HFModelConfig, task: Any) -> HFCausalLM:
     loaded from its cache), as ``build_tiny`` does."""
     recipe = task.reference_recipe()
     if recipe is None:
-        raise ConfigError(f"model.checkpoint=null builds a random model.arch={cfg.arch}, which "
+        raise ConfigError(f"model.name=null builds a random model.arch={cfg.arch}, which "
                           f"needs a task that trains its reference (task={task.name} has none): "
-                          f"set model.checkpoint to a hub id or a local directory")
+                          f"set model.name to a hub id or a local directory")
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -411,11 +415,11 @@ def _first_line(err: Exception) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-def _reference_checkpoint(cfg: HFModelConfig, policy: HFCausalLM) -> HFCausalLM:
-    reference = HFCausalLM(_load(cfg, "model.reference_checkpoint", cfg.reference_checkpoint, None),
+def _reference_name(cfg: HFModelConfig, policy: HFCausalLM) -> HFCausalLM:
+    reference = HFCausalLM(_load(cfg, "model.reference_name", cfg.reference_name, None),
                            cfg.chunk_rows)
     if reference.vocab_size != policy.vocab_size:
-        raise ConfigError(f"model.reference_checkpoint={cfg.reference_checkpoint!r} has "
+        raise ConfigError(f"model.reference_name={cfg.reference_name!r} has "
                           f"{reference.vocab_size} token ids, the policy {policy.vocab_size}")
     return _frozen(reference)
 
@@ -473,20 +477,20 @@ def _linear_names(model: nn.Module) -> list[str]:
 # --- tokenizer and checks before training ----------------------------------------------------
 
 def load_tokenizer(model_cfg: Any) -> Any:
-    """The tokenizer of ``model.checkpoint``, padding on the left (prompts end where completions
-    begin), its pad token EOS where it has none; None with ``model.checkpoint: null`` (the
+    """The tokenizer of ``model.name``, padding on the left (prompts end where completions
+    begin), its pad token EOS where it has none; None with ``model.name: null`` (the
     synthetic tasks have their own token ids)."""
     from transformers import AutoTokenizer
 
     cfg = _config(model_cfg)
-    if cfg.checkpoint is None:
+    if cfg.name is None:
         return None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(_local_or_hub(cfg.checkpoint),
+        tokenizer = AutoTokenizer.from_pretrained(_local_or_hub(cfg.name),
                                                   revision=cfg.revision,
                                                   trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError, ImportError) as err:
-        raise ConfigError(f"model.checkpoint={cfg.checkpoint!r}: its tokenizer could not be "
+        raise ConfigError(f"model.name={cfg.name!r}: its tokenizer could not be "
                           f"loaded: {_first_line(err)}") from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -499,18 +503,18 @@ def check_model(model_cfg: Any, accelerator: str) -> None:
     node that cannot run on ``accelerator`` (the trainer's): checked before any training.
     LoRA target modules need the model and are checked by ``build_hf``."""
     cfg = _config(model_cfg)
-    if cfg.checkpoint is None:
-        if cfg.reference_checkpoint is not None:
-            raise ConfigError(f"model.reference_checkpoint={cfg.reference_checkpoint!r} needs "
-                              f"model.checkpoint: with model.checkpoint=null the task's recipe "
+    if cfg.name is None:
+        if cfg.reference_name is not None:
+            raise ConfigError(f"model.reference_name={cfg.reference_name!r} needs "
+                              f"model.name: with model.name=null the task's recipe "
                               f"trains the reference")
         if cfg.n_embd % cfg.n_head:
             raise ConfigError(f"model.n_embd must be a multiple of model.n_head "
                               f"(got {cfg.n_embd} and {cfg.n_head})")
     else:
-        _check_checkpoint("model.checkpoint", cfg.checkpoint, cfg.revision)
-    if cfg.reference_checkpoint is not None:
-        _check_checkpoint("model.reference_checkpoint", cfg.reference_checkpoint, None)
+        _check_checkpoint("model.name", cfg.name, cfg.revision)
+    if cfg.reference_name is not None:
+        _check_checkpoint("model.reference_name", cfg.reference_name, None)
     if _runs_on_cpu(accelerator):
         if cfg.dtype == "float16":
             raise ConfigError("model.dtype=float16 needs a GPU (allowed on CPU: float32, "

@@ -23,7 +23,7 @@ class TinyConfig:
     """``model=tiny`` (defaults: conf/model/tiny.yaml). The vocabulary and the context
     length come from the task."""
 
-    name: str = spec(kind="choice", choices=("tiny",), help="the model")
+    kind: str = spec(kind="choice", choices=("tiny",), help="the model kind")
     n_layer: int = spec(kind="integer", ge=1, help="transformer blocks")
     n_head: int = spec(kind="integer", ge=1, help="attention heads")
     n_embd: int = spec(kind="integer", ge=1, help="width (a multiple of n_head)")
@@ -134,6 +134,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    is_decoder_layer = True  # FSDP wraps each block (klsweep.trainer)
+
     def __init__(self, config: TinyConfig) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
@@ -251,7 +253,7 @@ def build_tiny(config: TinyConfig, task: Any) -> tuple[TinyGPT, TinyGPT]:
                          f"(task={task.name} has none)")
     block_size = task.prompt_len + task.max_new_tokens
     model_key = {"vocab_size": task.vocab_size, "block_size": block_size} | {
-        k: v for k, v in asdict(config).items() if k != "name"}
+        k: v for k, v in asdict(config).items() if k != "kind"}
     reference = pretrained_reference(TinyGPT(config, task.vocab_size, block_size), model_key,
                                      recipe)
     policy = copy.deepcopy(reference).train().requires_grad_(True)

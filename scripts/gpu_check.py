@@ -1,0 +1,171 @@
+"""The GPU check of the real-model path, in one call of a few minutes on one GPU.
+
+Builds a Qwen2-shaped model from a config (Qwen2.5-0.5B's sizes, random weights: nothing is
+downloaded), and runs GRPO and DPO steps through the real module in bf16, with full
+fine-tuning and with LoRA. Prints, per run: generated tokens/s (GRPO) or pairs/s (DPO), the
+median step time and its phases (sampling, reference pass, policy pass), peak GPU memory,
+the training passes' fraction of the GPU's bf16 peak and decoding's fraction of the HBM
+bandwidth bound at the batch used.
+
+    python scripts/gpu_check.py                    # on a CUDA machine
+    python scripts/gpu_check.py --small --device cpu --steps 2   # a smoke test anywhere
+
+``--peak-tflops`` and ``--hbm-tbs`` default to an H100/H200's dense bf16 peak and H200's
+bandwidth; set them for another GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import statistics
+import tempfile
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator
+
+import lightning as L
+import torch
+
+from klsweep.bench import SpeedTask
+from klsweep.config import choice_config, compose_and_validate
+from klsweep.models.hf import build_hf
+from klsweep.policy import PolicyPair
+from klsweep.train import build_module
+
+# Qwen2.5-0.5B: 24 layers of 896, 14 query and 2 key/value heads, MLP 4864, tied embeddings
+QWEN2_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, intermediate_size=4864, vocab_size=151936)
+SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, intermediate_size=128, vocab_size=512)
+
+
+def save_qwen2(sizes: dict, directory: str) -> str:
+    """A randomly initialised Qwen2 of ``sizes``, saved where model.name can load it."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(**sizes, tie_word_embeddings=True, max_position_embeddings=4096)
+    Qwen2ForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+@contextlib.contextmanager
+def phase_timers(times: dict[str, list[float]], device: str) -> Iterator[None]:
+    """Time the pair's sampling, reference pass and policy pass (synchronised on CUDA)."""
+    originals = {name: getattr(PolicyPair, name)
+                 for name in ("sample", "reference_logprobs", "policy_logprobs")}
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+            return out
+        return wrapper
+
+    for name, fn in originals.items():
+        setattr(PolicyPair, name, timed(name, fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(PolicyPair, name, fn)
+
+
+def run(algo: str, lora: bool, model_dir: str, args: argparse.Namespace) -> dict:
+    sizes = SMALL if args.small else QWEN2_05B
+    overrides = {"algo": algo, "schedule": "fixed", "logger": "none", "trainer": "cpu",
+                 "steps": str(args.steps + args.warmup), "trainer.accelerator": args.device,
+                 "trainer.precision": "bf16-true" if args.device == "cuda" else "32-true"}
+    if algo == "dpo":
+        overrides |= {"algo.pairs_per_step": str(args.pairs), "algo.dataset_pairs":
+                      str(args.pairs * (args.steps + args.warmup)), "algo.eval_every": "1000"}
+    else:
+        overrides |= {"algo.prompts_per_step": str(args.prompts),
+                      "algo.group_size": str(args.group)}
+    cfg = compose_and_validate(overrides)
+    task = SpeedTask(vocab_size=sizes["vocab_size"], prompt_len=args.prompt_len,
+                     max_new_tokens=args.new_tokens)
+    L.seed_everything(0, verbose=False)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model_cfg = choice_config(
+        "model", "hf", name=model_dir,
+        dtype="bfloat16" if args.device == "cuda" else "float32",
+        lora={"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+        if lora else None)
+    policy, reference = build_hf(model_cfg, task)
+    module = build_module(cfg, task, (policy, reference))
+    times: dict[str, list[float]] = defaultdict(list)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        accelerator=args.device, devices=1, precision=cfg.trainer.precision)
+    with phase_timers(times, args.device):
+        trainer.fit(module)
+    rows = module.history[args.warmup:]
+    step_s = [row["perf/step_s"] for row in rows]
+    n_params = sum(p.numel() for name, p in policy.named_parameters() if "lora_" not in name)
+    tokens_per_step = statistics.mean(row["perf/tokens"] for row in rows)
+    step = statistics.median(step_s)
+    skip = args.warmup * (1 if algo == "grpo" else 0)
+    phase = {name: statistics.median(values[skip:] or values) for name, values in times.items()}
+    # dense transformer FLOPs: 2·N per token forward, 6·N forward + backward (Kaplan et al.)
+    rollouts = args.prompts * args.group if algo == "grpo" else 2 * args.pairs
+    seq = args.prompt_len + args.new_tokens
+    train_flops = 6 * n_params * rollouts * seq + 2 * n_params * rollouts * seq  # policy, ref
+    train_s = phase.get("policy_logprobs", 0) + phase.get("reference_logprobs", 0)
+    result = {
+        "algo": algo, "lora": lora, "device": args.device, "params": n_params,
+        "step_ms": 1000 * step, "phases_ms": {k: 1000 * v for k, v in phase.items()},
+        "tokens_per_s": tokens_per_step / step if algo == "grpo" else None,
+        "pairs_per_s": args.pairs / step if algo == "dpo" else None,
+        "peak_memory_gb": (torch.cuda.max_memory_allocated() / 2**30
+                           if args.device == "cuda" else None),
+    }
+    if args.device == "cuda" and train_s > 0:
+        # the backward pass is timed inside optimize, not policy_logprobs: count the
+        # whole step minus sampling as the training passes
+        training = step - phase.get("sample", 0)
+        result["train_fraction_of_bf16_peak"] = train_flops / training / (args.peak_tflops * 1e12)
+    if args.device == "cuda" and "sample" in phase and algo == "grpo":
+        # each decoding step reads every weight once (2 bytes in bf16) at this batch
+        bound_s = args.new_tokens * 2 * n_params / (args.hbm_tbs * 1e12)
+        result["decode_fraction_of_hbm_bound"] = bound_s / phase["sample"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--small", action="store_true", help="a tiny Qwen2 (smoke test)")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--pairs", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--hbm-tbs", type=float, default=4.8)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    for name in ("lightning.pytorch", "lightning.fabric", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    sizes = SMALL if args.small else QWEN2_05B
+    with tempfile.TemporaryDirectory() as directory:
+        model_dir = save_qwen2(sizes, directory)
+        for algo in ("grpo", "dpo"):
+            for lora in (False, True):
+                print(json.dumps(run(algo, lora, model_dir, args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""The prepared GPU check runs end to end, on a tiny Qwen2 on CPU (the real one needs CUDA)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+@pytest.mark.slow
+def test_the_gpu_check_script_runs_grpo_and_dpo_with_full_fine_tuning_and_lora():
+    result = subprocess.run(
+        [sys.executable, "scripts/gpu_check.py", "--small", "--device", "cpu", "--steps", "1",
+         "--warmup", "1", "--prompts", "2", "--group", "2", "--pairs", "2", "--prompt-len", "4",
+         "--new-tokens", "4"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [(r["algo"], r["lora"]) for r in rows] == [("grpo", False), ("grpo", True),
+                                                      ("dpo", False), ("dpo", True)]
+    assert all(r["step_ms"] > 0 for r in rows)

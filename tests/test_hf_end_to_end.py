@@ -1,0 +1,75 @@
+"""The real command on real transformers models: a tiny GPT-2 and a tiny Llama saved with
+save_pretrained into a temporary directory and loaded through ``model.name=<dir>``, on the
+text task; and the HF architectures on the exact task, against the closed-form optimum."""
+
+import json
+import math
+
+import pytest
+
+from tests.conftest import run_and_read
+from tests.hf_fixtures import save_tiny_model
+
+PROMPTS = ["The movie was", "I think this food is", "My day was", "The weather today is",
+           "This book made me", "Our trip to the sea was"]
+TEXT_RUN = ["task=text", "task.reward=sentiment", "task.max_new_tokens=8", "steps=3",
+            "checkpoint.every=2", "trainer.enable_progress_bar=false"]
+SMALL = {"grpo": ["algo.prompts_per_step=2", "algo.group_size=2"],
+         "ppo": ["algo.prompts_per_step=2", "algo.samples_per_prompt=2"],
+         "dpo": ["algo.pairs_per_step=2", "algo.dataset_pairs=4", "algo.eval_prompts=2",
+                 "algo.eval_samples_per_prompt=2"]}
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return path
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def model_dir(request, tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp(request.param), request.param)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["grpo", "ppo", "dpo"])
+def test_a_saved_transformers_model_trains_on_text_prompts_with_a_sentiment_reward(
+        algo, model_dir, prompt_file, tmp_path):
+    summary, rows = run_and_read(tmp_path, f"algo={algo}", "model=hf", f"model.name={model_dir}",
+                                 f"task.prompts={prompt_file}", *TEXT_RUN, *SMALL[algo])
+    assert summary["status"] == "completed" and summary["steps_done"] == 3
+    for row in rows:
+        for key in ("kl/mean", "kl/k1", "kl/k3", "kl/seq", "kl/beta", "reward/mean"):
+            assert math.isfinite(row[key]), key
+        assert 0.0 <= row["reward/mean"] <= 1.0
+
+
+@pytest.mark.slow
+def test_dpo_trains_on_a_preference_file_in_trl_s_format(tmp_path, prompt_file):
+    model_dir = save_tiny_model(tmp_path / "model", "llama")
+    preferences = tmp_path / "pairs.jsonl"
+    preferences.write_text("".join(
+        json.dumps({"prompt": p, "chosen": " wonderful and happy", "rejected": " awful"}) + "\n"
+        for p in PROMPTS))
+    summary, rows = run_and_read(tmp_path / "run", "algo=dpo", "model=hf",
+                                 f"model.name={model_dir}", f"task.prompts={prompt_file}",
+                                 f"task.preferences={preferences}", "optim.lr=1e-3",
+                                 *TEXT_RUN, *SMALL["dpo"])
+    assert summary["status"] == "completed"
+    assert all("dpo/score_gap" not in row for row in rows)  # file pairs carry no task reward
+    assert rows[-1]["dpo/margin"] > rows[0]["dpo/margin"]   # chosen pulled above rejected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo, overrides", [
+    ("grpo", ["kl.placement=reward", "estimator=k1"]),
+    ("ppo", []),  # its defaults: k1 in the reward
+])
+def test_the_hf_path_reaches_the_closed_form_optimum_on_the_exact_task(algo, overrides,
+                                                                       tmp_path):
+    """The exact task's done-when configurations (README), on a Llama built by the task."""
+    summary, _ = run_and_read(tmp_path, "task=exact", "model=hf", "model.arch=llama",
+                              f"algo={algo}", "schedule=fixed", "kl.beta=0.1", *overrides)
+    assert summary["status"] == "completed"
+    assert summary["exact/improvement_left_final"] <= 0.05
