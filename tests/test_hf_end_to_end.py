@@ -73,3 +73,24 @@ def test_the_hf_path_reaches_the_closed_form_optimum_on_the_exact_task(algo, ove
                               f"algo={algo}", "schedule=fixed", "kl.beta=0.1", *overrides)
     assert summary["status"] == "completed"
     assert summary["exact/improvement_left_final"] <= 0.05
+
+
+def raising_reward(prompts, completions, **row_fields):
+    raise ValueError("the scorer is down")
+
+
+@pytest.mark.slow
+def test_a_reward_that_raises_ends_the_run_as_failed_with_its_reason_in_one_line(
+        tmp_path, prompt_file):
+    from tests.conftest import run_klsweep
+
+    model_dir = save_tiny_model(tmp_path / "model", "gpt2")
+    run_dir = tmp_path / "run"
+    result = run_klsweep("model=hf", f"model.name={model_dir}", f"task.prompts={prompt_file}",
+                         *TEXT_RUN, *SMALL["grpo"], "logger=none", f"hydra.run.dir={run_dir}",
+                         "task.reward={_target_: tests.test_hf_end_to_end.raising_reward}")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stdout + result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "the scorer is down" in summary["reason"]
+    assert "\n" not in summary["reason"]
