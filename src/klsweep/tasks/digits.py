@@ -8,6 +8,10 @@ Reward: the mean digit of the completion divided by 9, in [0, 1]. The reference 
 scores about 0.5; the string of all nines scores 1 and is nearly impossible under the
 reference (per-token KL ≈ 3 nats). Without a KL penalty the policy collapses onto it (reward
 hacking); with one it keeps the language and leans toward larger digits.
+
+With ``reward_source=proxy`` the policy optimises a reward model trained on gold-labelled
+pairs of the language's samples instead (klsweep.tasks.proxy), and every step logs
+``reward/proxy`` and ``reward/gold``.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ from torch import Tensor
 
 from klsweep.models.reference import ReferenceRecipe
 from klsweep.rollout import Prompts, Rollout
-from klsweep.schema import ConfigError, spec
+from klsweep.schema import ConfigError, from_node, spec
 from klsweep.tasks.base import Task
+from klsweep.tasks.proxy import REWARD_SOURCES, ProxyConfig, ProxyReward, check_proxy
 
 
 def digit_reward(completions: Tensor, mask: Tensor) -> Tensor:
@@ -46,17 +51,25 @@ class DigitsConfig:
     reference_lr: float = spec(kind="number", gt=0, help="reference training learning rate")
     reference_seed: int = spec(kind="integer", ge=0, help="reference training seed")
     cache_dir: str = spec(kind="string", help="where trained references are cached")
+    reward_source: str = spec(kind="choice", choices=REWARD_SOURCES,
+                              help="what the policy optimises: the reward, or a model of it")
+    proxy: dict = spec(kind="node", help="the proxy reward model (reward_source=proxy)")
 
     @staticmethod
     def check_run(cfg: DictConfig) -> None:
         if cfg.task.min_len > cfg.task.max_len:
             raise ConfigError(f"task.min_len must be <= task.max_len "
                               f"(got {cfg.task.min_len} > {cfg.task.max_len})")
+        check_proxy(cfg)
+
+
+# settings that do not shape the language (nor the reference), left out of its cache key
+_NOT_LANGUAGE = ("name", "reward_source", "proxy")
 
 
 def _language(c: DigitsConfig) -> dict:
     """The settings that shape the reference (its cache key)."""
-    return {k: v for k, v in asdict(c).items() if k != "name"} | {"cache_dir": None}
+    return {k: v for k, v in asdict(c).items() if k not in _NOT_LANGUAGE} | {"cache_dir": None}
 
 
 class DigitsTask(Task):
@@ -70,6 +83,12 @@ class DigitsTask(Task):
         self.eos_id = self.EOS
         self.prompt_len = 1 + config.prompt_digits
         self.max_new_tokens = config.max_len + 1
+        self.proxy = None if config.reward_source == "gold" else ProxyReward(
+            from_node(ProxyConfig, config.proxy), key={"task": self.name,
+                                                       "language": _language(config)},
+            cache_dir=config.cache_dir, vocab_size=self.vocab_size,
+            prompt_len=self.prompt_len, block_size=self.prompt_len + self.max_new_tokens,
+            sample_pairs=self.sample_pairs, gold=digit_reward)
 
     def _next_digits(self, prev: Tensor, generator: torch.Generator) -> Tensor:
         step = torch.rand(prev.shape, generator=generator) < self.config.p_step
@@ -95,8 +114,20 @@ class DigitsTask(Task):
     def sample_sequences(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """Prompts and completions from the language itself: tokens [n, P+N] and the mask of
         next-token targets to learn (the completion up to and including EOS)."""
-        c = self.config
-        prompts = self._prompt_tokens(n, generator)
+        tokens, mask = self._complete(self._prompt_tokens(n, generator), generator)
+        targets = torch.cat([torch.ones(n, self.prompt_len - 1, dtype=torch.bool), mask], dim=1)
+        return tokens, targets.float()
+
+    def sample_pairs(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``n`` pairs of completions of the language, rows 2i and 2i+1 of one prompt: tokens
+        [2n, P+N] and the completion mask [2n, N] (up to and including EOS)."""
+        return self._complete(self._prompt_tokens(n, generator).repeat_interleave(2, dim=0),
+                              generator)
+
+    def _complete(self, prompts: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Completions of ``prompts`` [n, P] from the language: tokens [n, P+N] and the
+        completion mask [n, N] (up to and including EOS)."""
+        c, n = self.config, len(prompts)
         body = self._sample_digits(n, c.max_len, generator, first=prompts[:, -1])
         extra = torch.rand(n, c.max_len - c.min_len, generator=generator) >= c.p_stop
         # length = min_len + number of "continue" draws before the first "stop"
@@ -105,13 +136,17 @@ class DigitsTask(Task):
         completion = torch.full((n, self.max_new_tokens), self.EOS, dtype=torch.long)
         completion[:, : c.max_len] = body
         completion = torch.where(positions < length[:, None], completion, self.EOS)
-        tokens = torch.cat([prompts, completion], dim=1)
-        targets = torch.cat([torch.ones(n, self.prompt_len - 1, dtype=torch.bool),
-                             positions[None] <= length[:, None]], dim=1)
-        return tokens, targets.float()
+        return torch.cat([prompts, completion], dim=1), positions[None] <= length[:, None]
 
     def reward(self, rollout: Rollout) -> Tensor:
-        return digit_reward(rollout.completions, rollout.mask)
+        if self.proxy is None:
+            return digit_reward(rollout.completions, rollout.mask)
+        return self.proxy(rollout)
+
+    def reward_metrics(self, rollout: Rollout, rewards: Tensor) -> dict[str, float]:
+        """With the proxy: ``reward/proxy`` (``rewards``, what the policy optimised) and
+        ``reward/gold``; nothing more with the gold reward, which is ``reward/mean``."""
+        return {} if self.proxy is None else self.proxy.metrics(rollout, rewards)
 
     def reference_recipe(self) -> ReferenceRecipe:
         c = self.config

@@ -22,7 +22,21 @@ Every ``eval_every`` steps and at the last one, ``evaluate`` computes the policy
 reference's log-probability of every completion of every prompt by teacher forcing (one
 batched forward per model over the V^(L−1) prefixes: the last position gives all V last
 tokens at once) and logs ``exact/*`` (see klsweep.exact_math). ``finalize`` writes the last
-evaluation to ``exact.json``, from which every figure can be recomputed.
+evaluation to ``exact.json``, from which every figure can be recomputed, and the exact
+best-of-n curve over π_ref (n = 1, 2, 4, …, 64), the inference-time baseline beside the
+frontier.
+
+With ``reward_source=proxy`` the policy optimises a reward model trained on gold-labelled
+pairs of the language's samples (klsweep.tasks.proxy). Its score of every completion of every
+prompt is one table, computed once, so the exact figures stay exact. Two questions, so two
+sets of figures. ``exact/*`` as with the gold reward, but on the proxy: J, J*,
+π* ∝ π_ref·exp(r_proxy/β), the frontier and its gap describe the problem the policy is
+solving, and how well the KL schedule and the algorithm solve it. Beside them
+``exact/gold_reward`` (E_π[r_gold]) and ``exact/proxy_reward`` (E_π[r_proxy], the same as
+``exact/reward``): what solving it buys in the reward one cares about, which rises and then
+falls as KL grows when the proxy is over-optimised. With the gold reward, J*, π* and the
+frontier are the gold reward's, and neither extra key is logged. exact.json holds the
+optimised reward's table as ``reward`` and, with the proxy, the gold one as ``gold_reward``.
 """
 
 from __future__ import annotations
@@ -39,17 +53,26 @@ from numpy.typing import NDArray
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from klsweep.exact_math import enumerate_completions, exact_metrics
+from klsweep.exact_math import (
+    BEST_OF_N,
+    best_of_n_curve,
+    best_of_n_kl_bound,
+    best_of_n_logp,
+    enumerate_completions,
+    exact_metrics,
+    expected_reward,
+)
 from klsweep.models.reference import ReferenceRecipe
 from klsweep.policy import PolicyPair
 from klsweep.rollout import Prompts, Rollout
-from klsweep.schema import ConfigError, spec
+from klsweep.schema import ConfigError, from_node, spec
 from klsweep.tasks.base import Task
+from klsweep.tasks.proxy import REWARD_SOURCES, ProxyConfig, ProxyReward, check_proxy
 
 # rows per forward when enumerating: bounds activation memory for large vocabularies
 _ROWS_PER_FORWARD = 16384
 # settings that do not shape the reference model, left out of its cache key
-_NOT_REFERENCE = ("name", "cache_dir", "eval_every", "reward_scale")
+_NOT_REFERENCE = ("name", "cache_dir", "eval_every", "reward_scale", "reward_source", "proxy")
 # every evaluation enumerates n_prompts × vocab_size**completion_len sequences
 MAX_SEQUENCES = 2**18
 
@@ -72,9 +95,13 @@ class ExactConfig:
     reference_lr: float = spec(kind="number", gt=0, help="reference training learning rate")
     reference_seed: int = spec(kind="integer", ge=0, help="reference training seed")
     cache_dir: str = spec(kind="string", help="where trained references are cached")
+    reward_source: str = spec(kind="choice", choices=REWARD_SOURCES,
+                              help="what the policy optimises: the reward, or a model of it")
+    proxy: dict = spec(kind="node", help="the proxy reward model (reward_source=proxy)")
 
     @staticmethod
     def check_run(cfg: DictConfig) -> None:
+        check_proxy(cfg)
         task = cfg.task
         prompts = task.vocab_size ** task.prompt_len
         if task.n_prompts > prompts:
@@ -113,7 +140,33 @@ class ExactTask(Task):
             enumerate_completions(config.vocab_size, config.completion_len))
         self.rewards = self.completion_reward(
             self.completions, torch.ones_like(self.completions, dtype=torch.bool)).double()
+        self.proxy_config = from_node(ProxyConfig, config.proxy)
+        self.proxy = None if config.reward_source == "gold" else ProxyReward(
+            self.proxy_config, key={"task": self.name, **self._shaping()},
+            cache_dir=config.cache_dir, vocab_size=self.vocab_size,
+            prompt_len=self.prompt_len, block_size=self.prompt_len + self.max_new_tokens,
+            sample_pairs=self.sample_pairs, gold=self.completion_reward)
+        self.gold_table = np.broadcast_to(self.rewards.numpy(),
+                                          (len(self.prompts), len(self.completions)))
+        # [X, Y]: the reward the policy optimises, of every completion of every prompt
+        self.reward_table = self.gold_table if self.proxy is None else self._proxy_table()
         self.last_evaluation: ExactEvaluation | None = None
+
+    def _shaping(self) -> dict:
+        """The settings that shape the language and the gold reward (the proxy's cache key)."""
+        c = self.config
+        language = {k: v for k, v in asdict(c).items() if k not in _NOT_REFERENCE}
+        return {"language": language, "reward_scale": c.reward_scale}
+
+    def _proxy_table(self) -> NDArray[np.float64]:
+        n_prompts, n_completions = len(self.prompts), len(self.completions)
+        tokens = torch.cat([self.prompts.repeat_interleave(n_completions, dim=0),
+                            self.completions.repeat(n_prompts, 1)], dim=1)
+        mask = torch.ones(len(tokens), self.max_new_tokens, dtype=torch.bool)
+        scores = torch.cat([self.proxy.score(t, m) for t, m in
+                            zip(tokens.split(_ROWS_PER_FORWARD), mask.split(_ROWS_PER_FORWARD),
+                                strict=True)])
+        return scores.double().reshape(n_prompts, n_completions).numpy()
 
     def _prompt_set(self) -> Tensor:
         """``n_prompts`` distinct prompts [n_prompts, prompt_len], fixed by ``prompt_seed``."""
@@ -134,7 +187,21 @@ class ExactTask(Task):
         """Prompts and completions of the language: tokens [n, P+L] and the mask of the
         next-token targets to learn (the completion's tokens)."""
         c = self.config
-        prompts = self._prompt_tokens(n, generator)
+        tokens, _ = self._complete(self._prompt_tokens(n, generator), generator)
+        targets = torch.cat([torch.zeros(n, c.prompt_len - 1),
+                             torch.ones(n, c.completion_len)], dim=1)
+        return tokens, targets
+
+    def sample_pairs(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``n`` pairs of completions of the language, rows 2i and 2i+1 of one prompt: tokens
+        [2n, P+L] and the completion mask [2n, L] (all true)."""
+        return self._complete(self._prompt_tokens(n, generator).repeat_interleave(2, dim=0),
+                              generator)
+
+    def _complete(self, prompts: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Completions of ``prompts`` [n, P] from the language: tokens [n, P+L] and the
+        completion mask [n, L]."""
+        c, n = self.config, len(prompts)
         completion = torch.empty(n, c.completion_len, dtype=torch.long)
         prev = prompts[:, -1]
         for t in range(c.completion_len):
@@ -142,10 +209,8 @@ class ExactTask(Task):
             uniform = torch.randint(0, c.vocab_size, (n,), generator=generator)
             prev = torch.where(step, (prev + 1) % c.vocab_size, uniform)
             completion[:, t] = prev
-        tokens = torch.cat([prompts, completion], dim=1)
-        targets = torch.cat([torch.zeros(n, c.prompt_len - 1),
-                             torch.ones(n, c.completion_len)], dim=1)
-        return tokens, targets
+        return (torch.cat([prompts, completion], dim=1),
+                torch.ones(n, c.completion_len, dtype=torch.bool))
 
     def completion_reward(self, completions: Tensor, mask: Tensor) -> Tensor:
         """The mean token value of each completion [B, N] over ``mask``, scaled to
@@ -155,13 +220,19 @@ class ExactTask(Task):
         return scale * values / mask.sum(1).clamp(min=1).float()
 
     def reward(self, rollout: Rollout) -> Tensor:
-        return self.completion_reward(rollout.completions, rollout.mask)
+        if self.proxy is None:
+            return self.completion_reward(rollout.completions, rollout.mask)
+        return self.proxy(rollout)
+
+    def reward_metrics(self, rollout: Rollout, rewards: Tensor) -> dict[str, float]:
+        """With the proxy: ``reward/proxy`` (``rewards``, what the policy optimised) and
+        ``reward/gold`` of the batch; nothing more with the gold reward (``reward/mean``)."""
+        return {} if self.proxy is None else self.proxy.metrics(rollout, rewards)
 
     def reference_recipe(self) -> ReferenceRecipe:
         c = self.config
-        language = {k: v for k, v in asdict(c).items() if k not in _NOT_REFERENCE}
         return ReferenceRecipe(
-            key={"task": self.name, "language": language},
+            key={"task": self.name, "language": self._shaping()["language"]},
             sample_batch=lambda g: self.sample_sequences(c.reference_batch_size, g),
             steps=c.reference_steps, lr=c.reference_lr, seed=c.reference_seed,
             cache_dir=c.cache_dir)
@@ -197,11 +268,28 @@ class ExactTask(Task):
         # the reference's table is recomputed, not cached: one forward, and never stale
         ref_logp = self.sequence_logprobs(pair.reference, pair.temperature)
         policy_logp = self.sequence_logprobs(pair.policy, pair.temperature)
-        rewards = np.broadcast_to(self.rewards.numpy(), policy_logp.shape)
-        metrics = exact_metrics(policy_logp, ref_logp, rewards, beta_seq)
+        metrics = exact_metrics(policy_logp, ref_logp, self.reward_table, beta_seq)
+        if self.proxy is not None:
+            metrics["exact/proxy_reward"] = metrics["exact/reward"]
+            metrics["exact/gold_reward"] = float(
+                expected_reward(policy_logp, self.gold_table).mean())
         self.last_evaluation = ExactEvaluation(step, float(beta_seq), policy_logp, ref_logp,
                                                metrics)
         return metrics
+
+    def best_of_n(self, ref_logp: NDArray[np.float64]) -> dict[str, list[float]]:
+        """The exact best-of-n policies over π_ref for n in ``BEST_OF_N``, choosing by the
+        reward the policy optimises: n, KL per sequence (and its bound log n − (n−1)/n) and
+        mean reward; with the proxy also the gold reward of the proxy's choice (Gao et al.'s
+        best-of-n over-optimisation)."""
+        ns, kls, rewards = best_of_n_curve(ref_logp, self.reward_table, BEST_OF_N)
+        table = {"n": ns.tolist(), "kl": kls.tolist(), "reward": rewards.tolist(),
+                 "kl_bound": [best_of_n_kl_bound(int(n)) for n in ns]}
+        if self.proxy is not None:
+            table["gold_reward"] = [
+                float(expected_reward(best_of_n_logp(ref_logp, self.reward_table, int(n)),
+                                      self.gold_table).mean()) for n in ns]
+        return table
 
     def state_dict(self) -> dict[str, Any]:
         """The last evaluation, which exact.json is written from: a run resumed after it
@@ -223,23 +311,31 @@ class ExactTask(Task):
 
     def finalize(self, pair: PolicyPair, run_dir: Path) -> None:
         """Write the last evaluation to ``exact.json``: per prompt every completion with its
-        reference and policy log-probability and its reward, and ``beta_seq``."""
+        reference and policy log-probability and its reward (the one optimised; with the
+        proxy also the gold one), ``beta_seq``, and the best-of-n table."""
         last = self.last_evaluation
         if last is None:
             return
         completions = self.completions.tolist()
-        rewards = self.rewards.tolist()
+        prompts = []
+        for x, (prompt, ref, policy) in enumerate(zip(self.prompts.tolist(), last.ref_logp,
+                                                      last.policy_logp, strict=True)):
+            row = {"prompt": prompt, "completions": completions,
+                   "reward": self.reward_table[x].tolist(), "ref_logp": ref.tolist(),
+                   "policy_logp": policy.tolist()}
+            if self.proxy is not None:
+                row["gold_reward"] = self.gold_table[x].tolist()
+            prompts.append(row)
         payload = {
             "step": last.step,
             "beta_seq": last.beta_seq,
             "temperature": float(pair.temperature),
-            "task": asdict(self.config) | {"cache_dir": None},
+            "reward_source": self.config.reward_source,
+            "task": asdict(self.config) | {"cache_dir": None,
+                                           "proxy": asdict(self.proxy_config)},
             "metrics": last.metrics,
-            "prompts": [
-                {"prompt": prompt, "completions": completions, "reward": rewards,
-                 "ref_logp": ref.tolist(), "policy_logp": policy.tolist()}
-                for prompt, ref, policy in zip(self.prompts.tolist(), last.ref_logp,
-                                               last.policy_logp, strict=True)],
+            "best_of_n": self.best_of_n(last.ref_logp),
+            "prompts": prompts,
         }
         path = Path(run_dir) / "exact.json"
         tmp = path.with_suffix(".json.tmp")
