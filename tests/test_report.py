@@ -218,3 +218,46 @@ def test_a_study_over_a_continuous_beta_reports_one_group_per_point(tmp_path):
     assert main([str(tmp_path)]) == 0
     with open(tmp_path / "runs.csv") as f:
         assert len({row["group"] for row in csv.DictReader(f)}) == 18
+
+
+def test_exact_json_holds_best_of_n_and_the_reward_kl_figure_draws_it_beside_the_frontier(
+        tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    from klsweep.config import choice_config
+    from klsweep.exact_math import best_of_n_kl_bound
+    from klsweep.models.tiny import TinyGPT
+    from klsweep.report.figures import _one_reward, exact_best_of_n
+    from klsweep.tasks.exact import ExactTask
+
+    task = ExactTask(choice_config("task", "exact", vocab_size=3, completion_len=2,
+                                   n_prompts=2))
+    torch.manual_seed(0)
+    model = TinyGPT(choice_config("model", "tiny", n_layer=1, n_head=2, n_embd=16),
+                    task.vocab_size, task.prompt_len + task.max_new_tokens).eval()
+    pair = SimpleNamespace(policy=model, reference=model, temperature=1.0)
+    task.evaluate(pair, step=0, beta_seq=0.1)
+    task.finalize(pair, tmp_path)
+    exact = json.loads((tmp_path / "exact.json").read_text())
+    bon = exact["best_of_n"]
+    assert exact["reward_source"] == "gold" and "gold_reward" not in bon
+    assert bon["n"] == [1, 2, 4, 8, 16, 32, 64]
+    assert bon["kl"][0] == pytest.approx(0.0, abs=1e-12)  # n = 1 is π_ref
+    assert bon["reward"][0] == pytest.approx(exact["metrics"]["exact/reward"])
+    assert all(kl <= bound + 1e-12 for kl, bound in zip(bon["kl"], bon["kl_bound"], strict=True))
+    assert bon["kl_bound"] == [best_of_n_kl_bound(n) for n in bon["n"]]
+    assert all(b >= a for a, b in zip(bon["reward"], bon["reward"][1:], strict=False))
+    # the figure's curve, recomputed from the tables alone, is the table, per token
+    other = json.loads(json.dumps(exact))
+    other["prompts"][0]["reward"][0] += 1.0  # another proxy's table: no shared frontier
+    assert _one_reward([exact, exact]) and not _one_reward([exact, other])
+    ns, kl, reward = exact_best_of_n(exact, completion_len=2)
+    np.testing.assert_allclose(kl, np.asarray(bon["kl"]) / 2, atol=1e-12)
+    np.testing.assert_allclose(reward, bon["reward"], atol=1e-12)
+    for seed in (0, 1):
+        write_run(tmp_path / "sweep" / f"{seed}", schedule="fixed", seed=seed, task="exact",
+                  kl=[TARGET] * STEPS, beta=[0.1] * STEPS, reward=[0.5] * STEPS, exact=exact)
+    assert main([str(tmp_path / "sweep")]) == 0
+    assert (tmp_path / "sweep" / "reward_vs_kl.png").is_file()

@@ -3,9 +3,10 @@
 Reads every run dir under the PATHs (a sweep dir, run dirs or globs): its ``metrics.jsonl``,
 ``summary.json``, ``.hydra/config.yaml`` and, for the exact task, ``exact.json``. Writes into
 the first PATH (or ``--out``) ``report.md`` and ``runs.csv`` (``markdown``) and the figures
-(``figures``). Runs that differ only by seed form one group (``runs``), shown as mean ± std
-over its seeds; groups are compared within one panel per (task, algorithm). ``--wandb`` logs
-the tables and figures to a W&B run of job_type=report (``wandb_run``).
+(``figures``); for runs that optimised a proxy reward, the over-optimisation fit and figure
+(``overoptimization``). Runs that differ only by seed form one group (``runs``), shown as
+mean ± std over its seeds; groups are compared within one panel per (task, algorithm).
+``--wandb`` logs the tables and figures to a W&B run of job_type=report (``wandb_run``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ def build_report(paths: Sequence[str], out: Path | None = None,
     """Read the runs under ``paths``, write report.md, runs.csv and the figures into ``out``
     (default: the first path); return report.md's path."""
     from klsweep.report.figures import draw_all
+    from klsweep.report.overoptimization import (
+        FIGURE,
+        markdown_lines,
+        plot_overoptimization,
+        proxy_groups,
+        verdict,
+    )
 
     run_dirs = find_run_dirs(paths)
     if not run_dirs:
@@ -44,8 +52,15 @@ def build_report(paths: Sequence[str], out: Path | None = None,
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "runs.csv", groups)
     figures = draw_all(groups, out)
+    proxies = proxy_groups(runs)
+    if proxies:
+        plot_overoptimization(proxies, out / FIGURE)
+        figures["Over-optimisation: gold and proxy reward against √KL"] = FIGURE
+        for group in proxies:
+            log.info("klsweep.report: over-optimisation: %s", verdict(group, bold=False))
     report = out / "report.md"
-    write_markdown(report, runs, groups, figures, [str(p) for p in paths])
+    write_markdown(report, runs, groups, figures, [str(p) for p in paths],
+                   sections=markdown_lines(proxies) if proxies else ())
     if use_wandb:
         wandb_dir = log_to_wandb(out, runs, groups, figures)
         log.info("klsweep.report: logged to W&B run %s", wandb_dir)

@@ -185,9 +185,28 @@ def exact_frontier(exact: dict[str, Any], completion_len: int,
     return np.asarray(kls), np.asarray(rewards)
 
 
+def exact_best_of_n(exact: dict[str, Any], completion_len: int,
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n, KL per token, mean reward) of the exact best-of-n policies over π_ref, n = 1, 2,
+    4, …, 64, from a run's exact.json (its reward: the one the policy optimised)."""
+    from klsweep.exact_math import BEST_OF_N, best_of_n_curve
+
+    ref_logp = np.asarray([p["ref_logp"] for p in exact["prompts"]], dtype=np.float64)
+    reward = np.asarray([p["reward"] for p in exact["prompts"]], dtype=np.float64)
+    ns, kl, mean_reward = best_of_n_curve(ref_logp, reward, BEST_OF_N)
+    return ns, kl / completion_len, mean_reward
+
+
+def _one_reward(records: Sequence[dict[str, Any]]) -> bool:
+    """Whether the exact.json ``records`` all hold the same reward table."""
+    tables = [[p["reward"] for p in record["prompts"]] for record in records]
+    return all(table == tables[0] for table in tables[1:])
+
+
 def plot_reward_vs_kl(groups: Sequence[Any], path: Path) -> None:
     """Final reward against final KL: runs as dots, groups as mean ± std crosses, the
-    empirical Pareto front, the target, and for the exact task the closed-form frontier."""
+    empirical Pareto front, the target, and for the exact task the closed-form frontier
+    and, beside it, best-of-n over π_ref (the baseline that needs no training)."""
     panels = _panels(groups)
     styles = _styles(groups)
     fig, axes = _subplots(len(panels))
@@ -217,12 +236,23 @@ def plot_reward_vs_kl(groups: Sequence[Any], path: Path) -> None:
             fx, fy = pareto_front(*map(list, zip(*finite, strict=True)))
             ax.step(fx, fy, where="post", color="black", lw=1.0, alpha=0.8,
                     label="empirical Pareto front (completed runs)")
-        if exact:
-            source = next(run for run in runs if run.exact)
+        # an exact run that failed before its end has no exact.json; runs that optimised
+        # different rewards (proxies) share no frontier
+        source = next((run for run in runs if run.exact), None) if exact else None
+        if source is not None and _one_reward([run.exact for run in runs if run.exact]):
             curve_kl, curve_reward = exact_frontier(
                 source.exact, int(source.get("task.completion_len", 1)))
             ax.plot(curve_kl, curve_reward, color="0.25", lw=2.2, alpha=0.6, zorder=0,
                     label="closed-form frontier π*_β ∝ π_ref·exp(r/β)")
+            ns, bon_kl, bon_reward = exact_best_of_n(
+                source.exact, int(source.get("task.completion_len", 1)))
+            # n = 1 is π_ref itself, at KL 0: off a log axis, and the frontier's start
+            ax.plot(bon_kl[1:], bon_reward[1:], "s--", color="0.45", ms=4, lw=1.0, zorder=1,
+                    label="best-of-n over π_ref, n = 2, 4, …, 64 (exact)")
+            for n, x, y in zip(ns, bon_kl, bon_reward, strict=True):
+                if n in (2, 8, 64):
+                    ax.annotate(f"n={n}", (x, y), xytext=(3, -10), textcoords="offset points",
+                                fontsize=7.5, color="0.35")
         for target in sorted({run.target for run in runs if run.unit == "token"}):
             ax.axvline(target, color="black", ls="--", lw=1.0, label="target KL")
         _symlog(ax, "x", xs + [run.target for run in runs], min(r.target for r in runs) / 5)

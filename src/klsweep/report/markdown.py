@@ -106,7 +106,9 @@ def group_table(members: Sequence[Group]) -> list[str]:
 
 
 def write_markdown(path: Path, runs: Sequence[Run], groups: Sequence[Group],
-                   figures: dict[str, str], sources: Sequence[str]) -> None:
+                   figures: dict[str, str], sources: Sequence[str],
+                   sections: Sequence[str] = ()) -> None:
+    """report.md; ``sections``: further markdown lines, after the panels' tables."""
     statuses: dict[str, int] = {}
     for run in runs:
         statuses[run.record["status"]] = statuses.get(run.record["status"], 0) + 1
@@ -124,6 +126,7 @@ def write_markdown(path: Path, runs: Sequence[Run], groups: Sequence[Group],
                   f"Target KL: {', '.join(fmt(t) for t in targets)} ({kl_unit}). "
                   + best_tracker_sentence(members), "",
                   *group_table(members), ""]
+    lines += list(sections)
     for title, name in figures.items():
         lines += [f"### {title}", "", f"![{title}]({name})", ""]
     lines += ["## Runs", "",
