@@ -64,3 +64,15 @@ def test_a_moving_reference_logs_the_kl_to_it_and_to_the_initial_model(algo, tmp
 def test_the_frozen_default_logs_kl_to_init_equal_to_kl_mean(tmp_path):
     _, rows = run_and_read(tmp_path, "steps=2", "algo.prompts_per_step=2", "algo.group_size=2")
     assert all(row["kl/to_init"] == row["kl/mean"] for row in rows)
+
+
+@pytest.mark.slow
+def test_the_exact_task_logs_the_exact_kl_to_the_initial_model_beside_the_kl_to_the_reference(
+        tmp_path):
+    _, rows = run_and_read(tmp_path, "task=exact", "steps=4", "task.eval_every=1",
+                           "algo.prompts_per_step=4", "kl.reference.sync_every=2",
+                           "kl.reference.mix=1.0")
+    exact = [row for row in rows if "exact/kl" in row]
+    assert exact[0]["exact/kl_to_init"] == pytest.approx(exact[0]["exact/kl"], rel=1e-9)
+    # after the hard copy at step 1 the reference is the policy of step 1, not the initial one
+    assert exact[2]["exact/kl_to_init"] > exact[2]["exact/kl"]

@@ -123,7 +123,8 @@ def test_the_policy_is_rewarded_with_the_proxy_and_every_batch_logs_gold_and_pro
 
 def test_exact_figures_are_on_the_proxy_beside_the_exact_gold_reward(tmp_path):
     task = _exact(tmp_path)
-    pair = SimpleNamespace(policy=_model(task, 1), reference=_model(task, 2), temperature=1.0)
+    pair = SimpleNamespace(policy=_model(task, 1), reference=_model(task, 2), initial=None,
+                           temperature=1.0)
     metrics = task.evaluate(pair, step=0, beta_seq=0.1)
     policy_logp = task.sequence_logprobs(pair.policy)
     assert metrics["exact/proxy_reward"] == metrics["exact/reward"] == pytest.approx(
@@ -169,3 +170,14 @@ def test_digits_rewards_the_proxy_read_at_eos_and_logs_the_gold_digit_mean(tmp_p
 def test_bad_proxy_settings_fail_before_training(task, overrides, message):
     with pytest.raises(ConfigError, match=message):
         compose_and_validate({"task": task, **overrides})
+
+
+@pytest.mark.slow
+def test_a_proxy_run_logs_the_gold_and_the_proxy_reward_of_every_batch(tmp_path):
+    from tests.conftest import run_and_read
+
+    _, rows = run_and_read(tmp_path, "task.reward_source=proxy", "task.proxy.pairs=64",
+                           "task.proxy.steps=5", "steps=2", "algo.prompts_per_step=2")
+    for row in rows:
+        assert row["reward/proxy"] == row["reward/mean"]  # the policy optimises the proxy
+        assert 0.0 <= row["reward/gold"] <= 1.0

@@ -87,7 +87,9 @@ def sample_and_score(pair: PolicyPair, task: Task, prompts: Prompts, n_per_promp
     rollout = pair.sample(prompts, n_per_prompt)
     rewards = task.reward(rollout)
     scored = pair.score(rollout, grad=grad)
-    return FreshSamples(scored, rewards, pair.measure(scored, rewards))
+    measurement = pair.measure(scored, rewards)
+    measurement.metrics.update(task.reward_metrics(rollout, rewards))
+    return FreshSamples(scored, rewards, measurement)
 
 
 class Algorithm:

@@ -137,7 +137,9 @@ def trajectory(run: Any) -> Trajectory | None:
     exact_rows = [r for r in run.rows if "exact/gold_reward" in r]
     reference = _reference_rewards(run)
     if exact_rows:
-        kl = np.asarray([r["exact/kl"] for r in exact_rows], dtype=float)
+        # drift from the initial model: with a moving reference, exact/kl is to the current one
+        kl = np.asarray([r.get("exact/kl_to_init", r["exact/kl"]) for r in exact_rows],
+                        dtype=float)
         gold = np.asarray([r["exact/gold_reward"] for r in exact_rows], dtype=float)
         proxy = np.asarray([r["exact/proxy_reward"] for r in exact_rows], dtype=float)
         final_kl, final_gold = float(kl[-1]), float(gold[-1])

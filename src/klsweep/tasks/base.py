@@ -31,6 +31,11 @@ class Task:
         """Task reward [B] of each completion of ``rollout``."""
         raise NotImplementedError
 
+    def reward_metrics(self, rollout: Rollout, rewards: Tensor) -> dict[str, float]:
+        """Reward metrics of a batch beyond ``reward/*`` (with a proxy reward model:
+        ``reward/proxy`` and ``reward/gold``)."""
+        return {}
+
     def reference_recipe(self) -> ReferenceRecipe | None:
         """How the reference is trained for this task (the synthetic tasks: maximum
         likelihood on their language); None: the reference is the pretrained model."""

@@ -61,6 +61,7 @@ from klsweep.exact_math import (
     enumerate_completions,
     exact_metrics,
     expected_reward,
+    sequence_kl,
 )
 from klsweep.models.reference import ReferenceRecipe
 from klsweep.policy import PolicyPair
@@ -269,6 +270,10 @@ class ExactTask(Task):
         ref_logp = self.sequence_logprobs(pair.reference, pair.temperature)
         policy_logp = self.sequence_logprobs(pair.policy, pair.temperature)
         metrics = exact_metrics(policy_logp, ref_logp, self.reward_table, beta_seq)
+        # the drift from the initial model, which a moving reference no longer is
+        metrics["exact/kl_to_init"] = metrics["exact/kl"] if pair.initial is None else float(
+            sequence_kl(policy_logp, self.sequence_logprobs(pair.initial,
+                                                            pair.temperature)).mean())
         if self.proxy is not None:
             metrics["exact/proxy_reward"] = metrics["exact/reward"]
             metrics["exact/gold_reward"] = float(
