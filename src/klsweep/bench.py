@@ -418,6 +418,10 @@ def report(r: dict) -> str:
     for name, p in r["phases"].items():
         lines.append(f"{name:<16}{p['ms']:>9.1f}{100 * p['share']:>6.0f}%{p['gflop']:>8.2f}"
                      f"{p['roofline_ms']:>13.1f}")
+    cores = os.cpu_count() or 1
+    if r["load_average"] > cores:
+        lines.append(f"note: load {r['load_average']:.1f} on {cores} cores; these times include "
+                     f"waiting for other processes (with several threads, at every op)")
     if "kernels" in r:
         total = sum(r["kernels"].values())
         lines.append("profiled steps, ms a step by kind of kernel: " + ", ".join(
