@@ -27,17 +27,21 @@ def prompt_file(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
-def model_dir(request, tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp(request.param), request.param)
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    return {arch: save_tiny_model(tmp_path_factory.mktemp(arch), arch)
+            for arch in ("gpt2", "llama")}
 
 
+# every algorithm on Llama; GPT-2 (learned positions, Conv1D layers) with GRPO
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["grpo", "ppo", "dpo"])
+@pytest.mark.parametrize("arch, algo", [("llama", "grpo"), ("llama", "ppo"), ("llama", "dpo"),
+                                        ("gpt2", "grpo")])
 def test_a_saved_transformers_model_trains_on_text_prompts_with_a_sentiment_reward(
-        algo, model_dir, prompt_file, tmp_path):
-    summary, rows = run_and_read(tmp_path, f"algo={algo}", "model=hf", f"model.name={model_dir}",
-                                 f"task.prompts={prompt_file}", *TEXT_RUN, *SMALL[algo])
+        arch, algo, model_dirs, prompt_file, tmp_path):
+    summary, rows = run_and_read(tmp_path, f"algo={algo}", "model=hf",
+                                 f"model.name={model_dirs[arch]}", f"task.prompts={prompt_file}",
+                                 *TEXT_RUN, *SMALL[algo])
     assert summary["status"] == "completed" and summary["steps_done"] == 3
     for row in rows:
         for key in ("kl/mean", "kl/k1", "kl/k3", "kl/seq", "kl/beta", "reward/mean"):
