@@ -33,7 +33,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.flop_counter import (
     FlopCounterMode,
     flop_registry,
@@ -42,7 +42,7 @@ from torch.utils.flop_counter import (
 )
 
 from klsweep.config import compose_and_validate
-from klsweep.models.tiny import TinyConfig, TinyGPT
+from klsweep.models.tiny import TinyConfig, untrained_tiny
 from klsweep.rollout import Prompts, Rollout
 from klsweep.schema import from_node
 from klsweep.tasks.base import Task
@@ -295,13 +295,10 @@ def _config(algo: str, steps: int, overrides: list[str]) -> Any:
                                  "steps": str(steps), **values})
 
 
-def _models(cfg: Any, task: SpeedTask) -> tuple[TinyGPT, TinyGPT]:
+def _models(cfg: Any, task: SpeedTask) -> tuple[nn.Module, nn.Module]:
     """A fresh policy and its copy as the frozen reference (no reference training)."""
-    block_size = task.prompt_len + task.max_new_tokens
-    policy = TinyGPT(from_node(TinyConfig, cfg.model), task.vocab_size, block_size)
-    reference = TinyGPT(from_node(TinyConfig, cfg.model), task.vocab_size, block_size)
-    reference.load_state_dict(policy.state_dict())
-    return policy, reference.requires_grad_(False)
+    return untrained_tiny(from_node(TinyConfig, cfg.model), task.vocab_size,
+                          task.prompt_len + task.max_new_tokens)
 
 
 def _peak_memory_mib() -> float:

@@ -284,3 +284,13 @@ def build_tiny(config: TinyConfig, task: Any) -> tuple[TinyGPT, TinyGPT]:
                                      recipe)
     policy = copy.deepcopy(reference).train().requires_grad_(True)
     return policy, reference.requires_grad_(False)
+
+
+def untrained_tiny(config: TinyConfig, vocab_size: int,
+                   block_size: int) -> tuple[TinyGPT, TinyGPT]:
+    """A freshly initialised policy and an identical frozen reference, with no reference
+    training (the benchmark's: its speed does not depend on the weights)."""
+    policy = TinyGPT(config, vocab_size, block_size)
+    reference = TinyGPT(config, vocab_size, block_size)
+    reference.load_state_dict(policy.state_dict())
+    return policy, reference.requires_grad_(False)
