@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,32 @@ from torch import Tensor
 from klsweep.models.reference import ReferenceRecipe
 from klsweep.policy import PolicyPair
 from klsweep.rollout import Prompts, Rollout
+from klsweep.schema import spec
+from klsweep.tasks.proxy import REWARD_SOURCES
+
+
+@dataclass
+class SyntheticTaskConfig:
+    """The fields of every synthetic task (digits, exact): its reference is trained on its
+    own language, and the policy may optimise a proxy of its reward."""
+
+    reference_steps: int = spec(kind="integer", ge=1, help="reference training steps")
+    reference_batch_size: int = spec(kind="integer", ge=1, help="reference training batch")
+    reference_lr: float = spec(kind="number", gt=0, help="reference training learning rate")
+    reference_seed: int = spec(kind="integer", ge=0, help="reference training seed")
+    cache_dir: str = spec(kind="string", help="where trained references are cached")
+    reward_source: str = spec(kind="choice", choices=REWARD_SOURCES,
+                              help="what the policy optimises: the reward, or a model of it")
+    proxy: dict = spec(kind="node", help="the proxy reward model (reward_source=proxy)")
+
+    def reference_recipe(self, key: dict[str, Any],
+                         sample_sequences: Callable[[int, torch.Generator], Any]
+                         ) -> ReferenceRecipe:
+        """Maximum likelihood on ``sample_sequences`` batches, as these fields say."""
+        return ReferenceRecipe(
+            key=key, sample_batch=lambda g: sample_sequences(self.reference_batch_size, g),
+            steps=self.reference_steps, lr=self.reference_lr, seed=self.reference_seed,
+            cache_dir=self.cache_dir)
 
 
 class Task:

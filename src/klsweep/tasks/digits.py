@@ -25,8 +25,8 @@ from torch import Tensor
 from klsweep.models.reference import ReferenceRecipe
 from klsweep.rollout import Prompts, Rollout
 from klsweep.schema import ConfigError, from_node, spec
-from klsweep.tasks.base import Task
-from klsweep.tasks.proxy import REWARD_SOURCES, ProxyConfig, ProxyReward, check_proxy
+from klsweep.tasks.base import SyntheticTaskConfig, Task
+from klsweep.tasks.proxy import ProxyConfig, ProxyReward, check_proxy
 
 
 def digit_reward(completions: Tensor, mask: Tensor) -> Tensor:
@@ -37,7 +37,7 @@ def digit_reward(completions: Tensor, mask: Tensor) -> Tensor:
 
 
 @dataclass
-class DigitsConfig:
+class DigitsConfig(SyntheticTaskConfig):
     """``task=digits`` (defaults: conf/task/digits.yaml)."""
 
     name: str = spec(kind="choice", choices=("digits",), help="the task")
@@ -46,14 +46,6 @@ class DigitsConfig:
     max_len: int = spec(kind="integer", ge=1, help="longest completion, in digits")
     p_step: float = spec(kind="number", ge=0, le=1, help="P(next digit = previous + 1)")
     p_stop: float = spec(kind="number", gt=0, le=1, help="P(stop) after each digit past min_len")
-    reference_steps: int = spec(kind="integer", ge=1, help="reference training steps")
-    reference_batch_size: int = spec(kind="integer", ge=1, help="reference training batch")
-    reference_lr: float = spec(kind="number", gt=0, help="reference training learning rate")
-    reference_seed: int = spec(kind="integer", ge=0, help="reference training seed")
-    cache_dir: str = spec(kind="string", help="where trained references are cached")
-    reward_source: str = spec(kind="choice", choices=REWARD_SOURCES,
-                              help="what the policy optimises: the reward, or a model of it")
-    proxy: dict = spec(kind="node", help="the proxy reward model (reward_source=proxy)")
 
     @staticmethod
     def check_run(cfg: DictConfig) -> None:
@@ -149,9 +141,5 @@ class DigitsTask(Task):
         return {} if self.proxy is None else self.proxy.metrics(rollout, rewards)
 
     def reference_recipe(self) -> ReferenceRecipe:
-        c = self.config
-        return ReferenceRecipe(
-            key={"task": self.name, "language": _language(c)},
-            sample_batch=lambda g: self.sample_sequences(c.reference_batch_size, g),
-            steps=c.reference_steps, lr=c.reference_lr, seed=c.reference_seed,
-            cache_dir=c.cache_dir)
+        key = {"task": self.name, "language": _language(self.config)}
+        return self.config.reference_recipe(key, self.sample_sequences)

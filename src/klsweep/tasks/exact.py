@@ -67,8 +67,8 @@ from klsweep.models.reference import ReferenceRecipe
 from klsweep.policy import PolicyPair
 from klsweep.rollout import Prompts, Rollout
 from klsweep.schema import ConfigError, from_node, spec
-from klsweep.tasks.base import Task
-from klsweep.tasks.proxy import REWARD_SOURCES, ProxyConfig, ProxyReward, check_proxy
+from klsweep.tasks.base import SyntheticTaskConfig, Task
+from klsweep.tasks.proxy import ProxyConfig, ProxyReward, check_proxy
 
 # rows per forward when enumerating: bounds activation memory for large vocabularies
 _ROWS_PER_FORWARD = 16384
@@ -79,7 +79,7 @@ MAX_SEQUENCES = 2**18
 
 
 @dataclass
-class ExactConfig:
+class ExactConfig(SyntheticTaskConfig):
     """``task=exact`` (defaults: conf/task/exact.yaml)."""
 
     name: str = spec(kind="choice", choices=("exact",), help="the task")
@@ -91,14 +91,6 @@ class ExactConfig:
     reward_scale: float = spec(kind="number", gt=0, help="reward = scale × mean token / (V − 1)")
     eval_every: int = spec(kind="integer", ge=1, help="steps between exact evaluations")
     prompt_seed: int = spec(kind="integer", ge=0, help="seed of the prompt set")
-    reference_steps: int = spec(kind="integer", ge=1, help="reference training steps")
-    reference_batch_size: int = spec(kind="integer", ge=1, help="reference training batch")
-    reference_lr: float = spec(kind="number", gt=0, help="reference training learning rate")
-    reference_seed: int = spec(kind="integer", ge=0, help="reference training seed")
-    cache_dir: str = spec(kind="string", help="where trained references are cached")
-    reward_source: str = spec(kind="choice", choices=REWARD_SOURCES,
-                              help="what the policy optimises: the reward, or a model of it")
-    proxy: dict = spec(kind="node", help="the proxy reward model (reward_source=proxy)")
 
     @staticmethod
     def check_run(cfg: DictConfig) -> None:
@@ -231,12 +223,8 @@ class ExactTask(Task):
         return {} if self.proxy is None else self.proxy.metrics(rollout, rewards)
 
     def reference_recipe(self) -> ReferenceRecipe:
-        c = self.config
-        return ReferenceRecipe(
-            key={"task": self.name, "language": self._shaping()["language"]},
-            sample_batch=lambda g: self.sample_sequences(c.reference_batch_size, g),
-            steps=c.reference_steps, lr=c.reference_lr, seed=c.reference_seed,
-            cache_dir=c.cache_dir)
+        key = {"task": self.name, "language": self._shaping()["language"]}
+        return self.config.reference_recipe(key, self.sample_sequences)
 
     # --- exact evaluation -------------------------------------------------------------------
     @torch.no_grad()
