@@ -17,23 +17,19 @@ bandwidth; set them for another GPU.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import statistics
 import tempfile
-import time
 import warnings
-from collections import defaultdict
-from collections.abc import Iterator
+from typing import Any
 
 import lightning as L
 import torch
 
-from klsweep.bench import SpeedTask
+from klsweep.bench import PhaseClock, SpeedTask, timed_phases
 from klsweep.config import choice_config, compose_and_validate
 from klsweep.models.hf import build_hf
-from klsweep.policy import PolicyPair
 from klsweep.train import build_module
 
 # Qwen2.5-0.5B: 24 layers of 896, 14 query and 2 key/value heads, MLP 4864, tied embeddings
@@ -52,31 +48,16 @@ def save_qwen2(sizes: dict, directory: str) -> str:
     return directory
 
 
-@contextlib.contextmanager
-def phase_timers(times: dict[str, list[float]], device: str) -> Iterator[None]:
-    """Time the pair's sampling, reference pass and policy pass (synchronised on CUDA)."""
-    originals = {name: getattr(PolicyPair, name)
-                 for name in ("sample", "reference_logprobs", "policy_logprobs")}
+class DropWarmup(L.Callback):
+    """Restarts the phase totals once the warm-up steps are done."""
 
-    def timed(name, fn):
-        def wrapper(*args, **kwargs):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            out = fn(*args, **kwargs)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
-            return out
-        return wrapper
+    def __init__(self, clock: PhaseClock, warmup: int) -> None:
+        self.clock, self.warmup = clock, warmup
 
-    for name, fn in originals.items():
-        setattr(PolicyPair, name, timed(name, fn))
-    try:
-        yield
-    finally:
-        for name, fn in originals.items():
-            setattr(PolicyPair, name, fn)
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if batch_idx + 1 == self.warmup:
+            self.clock.take()
 
 
 def run(algo: str, lora: bool, model_dir: str, args: argparse.Namespace) -> dict:
@@ -103,24 +84,25 @@ def run(algo: str, lora: bool, model_dir: str, args: argparse.Namespace) -> dict
         if lora else None)
     policy, reference = build_hf(model_cfg, task)
     module = build_module(cfg, task, (policy, reference))
-    times: dict[str, list[float]] = defaultdict(list)
+    clock = PhaseClock(torch.cuda.synchronize if args.device == "cuda" else None)
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[DropWarmup(clock, args.warmup)],
                         accelerator=args.device, devices=1, precision=cfg.trainer.precision)
-    with phase_timers(times, args.device):
+    with timed_phases(module, clock):
         trainer.fit(module)
     rows = module.history[args.warmup:]
     step_s = [row["perf/step_s"] for row in rows]
     n_params = sum(p.numel() for name, p in policy.named_parameters() if "lora_" not in name)
     tokens_per_step = statistics.mean(row["perf/tokens"] for row in rows)
     step = statistics.median(step_s)
-    skip = args.warmup * (1 if algo == "grpo" else 0)
-    phase = {name: statistics.median(values[skip:] or values) for name, values in times.items()}
+    phase = {name: total / len(rows) for name, total in clock.take().items()}  # s a step
     # dense transformer FLOPs: 2·N per token forward, 6·N forward + backward (Kaplan et al.)
     rollouts = args.prompts * args.group if algo == "grpo" else 2 * args.pairs
     seq = args.prompt_len + args.new_tokens
     train_flops = 6 * n_params * rollouts * seq + 2 * n_params * rollouts * seq  # policy, ref
-    train_s = phase.get("policy_logprobs", 0) + phase.get("reference_logprobs", 0)
+    train_s = sum(phase.get(name, 0.0)
+                  for name in ("reference", "policy.forward", "policy.backward"))
     result = {
         "algo": algo, "lora": lora, "device": args.device, "params": n_params,
         "step_ms": 1000 * step, "phases_ms": {k: 1000 * v for k, v in phase.items()},
@@ -130,14 +112,11 @@ def run(algo: str, lora: bool, model_dir: str, args: argparse.Namespace) -> dict
                            if args.device == "cuda" else None),
     }
     if args.device == "cuda" and train_s > 0:
-        # the backward pass is timed inside optimize, not policy_logprobs: count the
-        # whole step minus sampling as the training passes
-        training = step - phase.get("sample", 0)
-        result["train_fraction_of_bf16_peak"] = train_flops / training / (args.peak_tflops * 1e12)
-    if args.device == "cuda" and "sample" in phase and algo == "grpo":
+        result["train_fraction_of_bf16_peak"] = train_flops / train_s / (args.peak_tflops * 1e12)
+    if args.device == "cuda" and "sampling" in phase and algo == "grpo":
         # each decoding step reads every weight once (2 bytes in bf16) at this batch
         bound_s = args.new_tokens * 2 * n_params / (args.hbm_tbs * 1e12)
-        result["decode_fraction_of_hbm_bound"] = bound_s / phase["sample"]
+        result["decode_fraction_of_hbm_bound"] = bound_s / phase["sampling"]
     return result
 
 

@@ -82,18 +82,22 @@ class PhaseClock:
     """Wall time inside named phases. Phases nest; time counts to the innermost one, so no
     second is counted twice. ``take`` returns the totals so far and starts again."""
 
-    def __init__(self) -> None:
+    def __init__(self, synchronize: Callable[[], None] | None = None) -> None:
         self.totals: dict[str, float] = defaultdict(float)
         self._open: list[list[Any]] = []  # [name, start, time of the phases inside it]
+        # on CUDA, kernels run asynchronously: a phase ends when its kernels have
+        self.synchronize = synchronize or (lambda: None)
 
     @property
     def current(self) -> str:
         return self._open[-1][0] if self._open else "other"
 
     def enter(self, name: str) -> None:
+        self.synchronize()
         self._open.append([name, time.perf_counter(), 0.0])
 
     def exit(self) -> None:
+        self.synchronize()
         name, start, inner = self._open.pop()
         elapsed = time.perf_counter() - start
         self.totals[name] += elapsed - inner
