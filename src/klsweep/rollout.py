@@ -4,6 +4,7 @@ log-probabilities of sampled tokens. Works with any model of the interface in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -74,18 +75,17 @@ class Rollout:
     def rows(self, index: Tensor, group_size: int = 1) -> Rollout:
         """The rows ``index``; ``group_size`` says how the selected rows still share
         prompts (1: no sharing assumed)."""
-        return Rollout(tokens=self.tokens[index], prompt_mask=self.prompt_mask[index],
-                       mask=self.mask[index], old_logp=self.old_logp[index],
-                       group_size=group_size,
-                       prompt_index=None if self.prompt_index is None
-                       else self.prompt_index[index])
+        return self._map(lambda t: t[index], group_size)
 
     def to(self, device: torch.device) -> Rollout:
-        return Rollout(tokens=self.tokens.to(device), prompt_mask=self.prompt_mask.to(device),
-                       mask=self.mask.to(device), old_logp=self.old_logp.to(device),
-                       group_size=self.group_size,
+        return self._map(lambda t: t.to(device), self.group_size)
+
+    def _map(self, fn: Callable[[Tensor], Tensor], group_size: int) -> Rollout:
+        """The rollout with ``fn`` applied to each of its tensors."""
+        return Rollout(tokens=fn(self.tokens), prompt_mask=fn(self.prompt_mask),
+                       mask=fn(self.mask), old_logp=fn(self.old_logp), group_size=group_size,
                        prompt_index=None if self.prompt_index is None
-                       else self.prompt_index.to(device))
+                       else fn(self.prompt_index))
 
     @staticmethod
     def cat(parts: list[Rollout]) -> Rollout:

@@ -224,19 +224,16 @@ class DPO(Algorithm):
             return PreferencePairs(rollout, rewards, self._reference_logps(pair, rollout))
         c = self.config
         generator = torch.Generator().manual_seed(self.seed)
-        chunks = []
+        rollouts, rewards = [], []
         for start in range(0, c.dataset_pairs, _DATASET_CHUNK):
             n = min(_DATASET_CHUNK, c.dataset_pairs - start)
             sampled = pair.sample_reference(task.sample_prompts(n, generator).to(pair.device), 2)
-            rewards = task.reward(sampled)
-            order = self._label_order(rewards)
-            rollout = sampled.rows(order, group_size=2)
-            _, ref_logp = pair.reference_logprobs(rollout)
-            chunks.append(PreferencePairs(rollout, rewards[order],
-                                          masked_sum(ref_logp, rollout.mask)))
-        return PreferencePairs(Rollout.cat([p.rollout for p in chunks]),
-                               torch.cat([p.rewards for p in chunks]),
-                               torch.cat([p.ref_logp for p in chunks]))
+            scores = task.reward(sampled)
+            order = self._label_order(scores)
+            rollouts.append(sampled.rows(order, group_size=2))
+            rewards.append(scores[order])
+        rollout = Rollout.cat(rollouts)
+        return PreferencePairs(rollout, torch.cat(rewards), self._reference_logps(pair, rollout))
 
     @staticmethod
     def _reference_logps(pair: PolicyPair, rollout: Rollout) -> Tensor:
