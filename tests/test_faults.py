@@ -4,6 +4,7 @@ written, a damaged reference cache, two sweeps started at once on one SQLite stu
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -13,10 +14,12 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 import torch
 from optuna.trial import TrialState
 from torch import nn
 
+from hydra_plugins.klsweep_optuna._study import lost_creation_race, make_storage
 from klsweep.checkpoint import CheckpointError
 from klsweep.models.reference import cached_model
 from klsweep.records import read_metrics
@@ -128,3 +131,35 @@ def test_two_sweeps_started_at_once_on_one_sqlite_study_end_with_exactly_n_trial
     # a trial asked by both at once past n_trials is closed as surplus, never run
     assert all(t.user_attrs["reason"].startswith("surplus")
                for t in trials if t.state == TrialState.FAIL)
+
+
+def sqlite_error(tmp_path: Path, *statements: str) -> sqlalchemy.exc.DBAPIError:
+    engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'race.db'}")
+    with pytest.raises(sqlalchemy.exc.DBAPIError) as raised, engine.begin() as connection:
+        for statement in statements:
+            connection.execute(sqlalchemy.text(statement))
+    engine.dispose()
+    return raised.value
+
+
+def test_only_a_table_made_first_by_another_worker_counts_as_alost_creation_race(tmp_path):
+    made_twice = sqlite_error(tmp_path, "CREATE TABLE studies (id INTEGER)",
+                              "CREATE TABLE studies (id INTEGER)")
+    assert isinstance(made_twice, sqlalchemy.exc.OperationalError)
+    assert lost_creation_race(made_twice)
+    missing = sqlite_error(tmp_path, "SELECT * FROM trials")
+    assert isinstance(missing, sqlalchemy.exc.OperationalError)
+    assert not lost_creation_race(missing)
+
+
+def open_storage(url: str) -> str:
+    make_storage(url, heartbeat_interval=1, grace_period=10, max_retry=3)
+    return "opened"
+
+
+def test_workers_opening_one_fresh_sqlite_storage_at_once_all_open_it(tmp_path):
+    # before the race was handled, one fresh database in ten failed a worker here
+    urls = [f"sqlite:///{tmp_path / f'optuna-{n}.db'}" for n in range(10)]
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        for url in urls:
+            assert pool.map(open_storage, [url] * 4) == ["opened"] * 4

@@ -128,11 +128,22 @@ def make_storage(url: str, *, heartbeat_interval: int, grace_period: int,
     for attempt in range(_CREATE_RETRIES):
         try:
             return connect()
-        except (sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.IntegrityError):
-            # workers that start at once on a fresh database race to create Optuna's tables
-            # ("relation already exists"); the loser finds them made on its next try
+        except sqlalchemy.exc.DBAPIError as err:
+            if not lost_creation_race(err):
+                raise
+            # workers that start at once on a fresh database race to create Optuna's tables;
+            # the loser finds them made on its next try
             time.sleep(1.0 + attempt)
     return connect()
+
+
+def lost_creation_race(err: sqlalchemy.exc.DBAPIError) -> bool:
+    """Whether ``err`` says another worker created a table or row first: PostgreSQL raises
+    ProgrammingError ("relation already exists") or IntegrityError (a duplicate key),
+    SQLite an OperationalError ("table studies already exists")."""
+    if isinstance(err, (sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.IntegrityError)):
+        return True
+    return isinstance(err, sqlalchemy.exc.OperationalError) and "already exists" in str(err)
 
 
 def _engine_kwargs(url: str) -> dict[str, Any]:
