@@ -29,7 +29,7 @@ import torch
 
 from klsweep.bench import PhaseClock, SpeedTask, timed_phases
 from klsweep.config import choice_config, compose_and_validate
-from klsweep.models.hf import build_hf
+from klsweep.models.hf_build import build_hf
 from klsweep.train import build_module
 
 # Qwen2.5-0.5B: 24 layers of 896, 14 query and 2 key/value heads, MLP 4864, tied embeddings

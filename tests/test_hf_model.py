@@ -11,15 +11,8 @@ from hf_fixtures import save_tiny_model
 from omegaconf import OmegaConf
 
 from klsweep.config import CONF_DIR
-from klsweep.models.hf import (
-    AdapterDisabled,
-    HFCausalLM,
-    HFModelConfig,
-    build_hf,
-    check_model,
-    load_tokenizer,
-    save_adapter,
-)
+from klsweep.models.hf import AdapterDisabled, HFCausalLM, save_adapter
+from klsweep.models.hf_build import HFModelConfig, build_hf, check_model, load_tokenizer
 from klsweep.models.reference import ReferenceRecipe
 from klsweep.rollout import (
     Prompts,

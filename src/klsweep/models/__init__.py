@@ -10,8 +10,8 @@ from typing import Any
 from torch import nn
 
 from klsweep.models.base import Cache, CausalLM
-from klsweep.models.hf import HFModelConfig, build_hf
-from klsweep.models.hf import load_tokenizer as hf_tokenizer
+from klsweep.models.hf_build import HFModelConfig, build_hf
+from klsweep.models.hf_build import load_tokenizer as hf_tokenizer
 from klsweep.models.tiny import KVCache, TinyConfig, TinyGPT, build_tiny
 from klsweep.schema import from_node
 
