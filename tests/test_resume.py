@@ -44,6 +44,10 @@ RUNS = {
     # eval_every=3: the last measurement is carried between evaluations, and must be resumed
     "dpo": ["algo=dpo", "steps=30", "checkpoint.every=5", "algo.pairs_per_step=16",
             "algo.dataset_pairs=256", "algo.eval_prompts=4", "algo.eval_every=3"],
+    # a moving reference: the resumed run redraws the data set from the initial model
+    "dpo-moving-reference": ["algo=dpo", "steps=30", "checkpoint.every=5",
+                             "algo.pairs_per_step=16", "algo.dataset_pairs=256",
+                             "algo.eval_prompts=4", "kl.reference.sync_every=4"],
 }
 
 

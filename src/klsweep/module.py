@@ -66,9 +66,11 @@ class KLPolicyModule(L.LightningModule):
                  *, steps: int, seed: int, optim: Any, kl_target: float, kl_max: float) -> None:
         super().__init__()
         self.pair = pair
-        # registered as submodules, so that Lightning moves them and checkpoints hold them
+        # registered as submodules, so that Lightning moves them to the run's device (a moving
+        # reference also keeps the initial model, for kl/to_init)
         self.policy = pair.policy
         self.reference = pair.reference
+        self.initial = pair.initial
         self.task = task
         self.algo = algorithm
         # an algorithm's own trainable part (PPO's value head) trains beside the policy
@@ -193,7 +195,8 @@ class KLPolicyModule(L.LightningModule):
         parameters only when it moves (``kl.reference.sync_every``)."""
         moving = self.pair.kl.reference.sync_every > 0
         trained = {name for name, p in self.named_parameters() if p.requires_grad}
-        trained |= {name for name, _ in self.named_buffers() if not name.startswith("reference.")}
+        trained |= {name for name, _ in self.named_buffers()
+                    if not name.startswith(("reference.", "initial."))}
         return {key: value for key, value in self.state_dict().items()
                 if key in trained or (moving and key.startswith("reference."))}
 

@@ -138,9 +138,11 @@ class PolicyPair:
         return rollout
 
     def sample_reference(self, prompts: Prompts, n_per_prompt: int) -> Rollout:
-        """Completions from π_ref (an offline preference data set)."""
-        self.reference.eval()
-        return self._generate(self.reference, prompts, n_per_prompt)
+        """Completions from π_ref as the run began (an offline preference data set): with a
+        moving reference, the initial model, so that a resumed run draws the same set."""
+        start = self.reference if self.initial is None else self.initial
+        start.eval()
+        return self._generate(start, prompts, n_per_prompt)
 
     def _generate(self, model: nn.Module, prompts: Prompts, n_per_prompt: int) -> Rollout:
         return generate(model, prompts, n_per_prompt=n_per_prompt,
