@@ -22,7 +22,7 @@ from torch import nn
 from hydra_plugins.klsweep_optuna._study import lost_creation_race, make_storage
 from klsweep.checkpoint import CheckpointError
 from klsweep.models.reference import cached_model
-from klsweep.records import read_metrics
+from klsweep.records import read_metrics, resume_metrics
 from tests.conftest import REPO, TINY, run_klsweep
 from tests.test_resume import run_here
 
@@ -76,6 +76,17 @@ def test_a_full_disk_at_a_checkpoint_ends_the_run_in_one_clear_line_with_its_met
     assert [row["step"] for row in read_metrics(run_dir / "metrics.jsonl")] == [0, 1]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["reason"] == reason
+    assert not (checkpoints / "last.ckpt.tmp").exists()  # the partial file is gone
+
+
+def test_a_half_written_last_line_is_cut_from_the_record_a_resumed_run_appends_to(tmp_path):
+    # killed while writing the row of the checkpoint's own step: nothing lies beyond the
+    # checkpoint to cut, but the fragment must go, or the next row is appended to it
+    record = tmp_path / "metrics.jsonl"
+    record.write_text('{"step": 0, "kl/mean": 0.1}\n{"step": 1, "kl/mean": 0.2}\n{"step": 2, "kl')
+    rows, last = resume_metrics(record, 2, rewrite=True)
+    assert [row["step"] for row in rows] == [0, 1] and last == 1
+    assert record.read_text() == '{"step": 0, "kl/mean": 0.1}\n{"step": 1, "kl/mean": 0.2}\n'
 
 
 def test_an_unwritable_checkpoint_dir_ends_the_run_with_its_metrics_intact(tmp_path):

@@ -17,6 +17,7 @@ top-level keys of Lightning's format (``state_dict``, ``optimizer_states``, ``gl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -91,6 +92,8 @@ def save_atomic(payload: Mapping[str, Any], path: Path) -> None:
             os.fsync(f.fileno())  # on disk before it replaces the last good one
         os.replace(tmp, path)
     except OSError as err:
+        with contextlib.suppress(OSError):  # no directory, no file: nothing to remove
+            tmp.unlink(missing_ok=True)  # a partial file would hold the disk space it ran out of
         raise CheckpointError(f"cannot write the checkpoint {path}: {_reason(err)}; "
                               f"metrics.jsonl holds every step so far") from err
 
@@ -214,7 +217,7 @@ class GracefulStop:
             signal.signal(signum, handler)
 
 
-def _any_rank(trainer: Any, flag: bool) -> bool:
+def any_rank(trainer: Any, flag: bool) -> bool:
     """Whether ``flag`` holds on any rank (every rank must take the same branch)."""
     if trainer.world_size == 1:
         return flag
@@ -247,7 +250,7 @@ class RunCheckpoint(Callback):
 
     def on_train_batch_end(self, trainer: Any, module: Any, *args: Any) -> None:
         step = module.step_count
-        stopping = _any_rank(trainer, self.stop.signal_name is not None
+        stopping = any_rank(trainer, self.stop.signal_name is not None
                              or trainer.received_sigterm)
         if stopping or step % self.every == 0 or step == module.steps:
             self.save(trainer, module)
@@ -265,7 +268,7 @@ class RunCheckpoint(Callback):
                 self._write(module, ranks)
             except CheckpointError as err:
                 error = err
-        if _any_rank(trainer, error is not None):
+        if any_rank(trainer, error is not None):
             raise error or CheckpointError("rank 0 could not write the checkpoint")
         self.save_s.append(time.perf_counter() - started)
 

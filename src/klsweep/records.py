@@ -88,14 +88,14 @@ def resume_metrics(path: Path, before_step: int, *, rewrite: bool) -> tuple[list
     it is dropped."""
     if not path.exists():
         return [], -1
-    rows = []
+    rows, broken = [], 0
     for line in path.read_text().splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            continue
+            broken += 1
     kept = [row for row in rows if row["step"] < before_step]
-    if rewrite and len(kept) != len(rows):
+    if rewrite and (broken or len(kept) != len(rows)):
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text("".join(json.dumps(row, allow_nan=True) + "\n" for row in kept))
         os.replace(tmp, path)
