@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset
 
 from klsweep.algos.common import Algorithm, StepResult
-from klsweep.checkpoint import ResumeError, rng_state, set_rng_state
+from klsweep.checkpoint import ResumeError, any_rank, rng_state, set_rng_state
 from klsweep.errors import KLDiverged, RunFailed
 from klsweep.kl import Schedule
 from klsweep.policy import PolicyPair
@@ -105,8 +105,12 @@ class KLPolicyModule(L.LightningModule):
 
     def optimize(self, loss: Tensor) -> None:
         """One optimiser step on ``loss`` (the algorithms' ``optimize``)."""
-        if not torch.isfinite(loss):
-            raise RunFailed(f"loss is {loss.item()} at step {self.step_count}")
+        # decided on every rank at once: a rank that stopped alone would leave the others
+        # waiting in the gradient all-reduce
+        finite = bool(torch.isfinite(loss))
+        if any_rank(self.trainer, not finite):
+            raise RunFailed(f"loss is {loss.item()} at step {self.step_count}" if not finite
+                            else f"another rank's loss is not finite at step {self.step_count}")
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)

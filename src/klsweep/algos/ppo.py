@@ -187,7 +187,7 @@ class PPO(Algorithm):
         totals: dict[str, float] = {}
         updates = 0
         for _ in range(c.ppo_epochs):
-            for index in torch.randperm(mask.shape[0]).chunk(c.minibatches):
+            for index in torch.randperm(mask.shape[0]).tensor_split(c.minibatches):
                 mb_mask = mask[index]
                 mb_logits, logp = pair.policy_logprobs(rollout.rows(index))
                 surrogate, ratio, clipped = clipped_surrogate(logp, old_logp[index],
