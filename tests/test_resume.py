@@ -239,6 +239,9 @@ def test_an_interrupted_trial_fails_is_queued_again_and_resumes_in_its_own_run_d
                                          TrialState.WAITING]
     assert trials[1].user_attrs["reason"].startswith("interrupted by SIGTERM")
     assert trials[2].params == trials[1].params
+    # not a dead worker's retry: max_retry still allows as many of those as before
+    assert trials[2].system_attrs["interrupted_trials"] == [1]
+    assert "retry_history" not in trials[2].system_attrs
 
     sweep(config_loader, tmp_path, launcher, "hydra.sweeper.n_trials=3")
     trials = study(tmp_path).trials

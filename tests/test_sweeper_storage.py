@@ -21,6 +21,10 @@ SWEEP_DIR = Path("/sweeps/beta_target")
      "postgresql+psycopg://klsweep:***@127.0.0.1/db"),
     ("postgresql://klsweep@127.0.0.1/db", "postgresql://klsweep@127.0.0.1/db"),
     ("sqlite:////sweeps/beta_target/optuna.db", "sqlite:////sweeps/beta_target/optuna.db"),
+    # the drivers also read the password from the query
+    ("postgresql://klsweep@db/sweeps?password=s3cret&sslmode=require",
+     "postgresql://klsweep@db/sweeps?password=***&sslmode=require"),
+    ("mysql+pymysql://klsweep@db/sweeps?passwd=s3cret", "mysql+pymysql://klsweep@db/sweeps?passwd=***"),
     ("not a url: pw", "<not a database URL>"),
 ])
 def test_a_shown_url_has_its_password_masked(url, shown):
@@ -51,6 +55,10 @@ def test_trials_get_the_url_only_when_it_holds_no_password(monkeypatch):
     # ${oc.env:KLSWEEP_DB}: resolved before the sweeper sees it; trials read it from TRIAL_ENV
     assert study_storage(SECRET, interpolated=True, sweep_dir=SWEEP_DIR) == StorageURL(
         SECRET, f"env:{TRIAL_ENV}", {TRIAL_ENV: SECRET})
+    # a password among the query's options is a password too
+    in_query = "postgresql://klsweep@db.example/sweeps?password=s3cret"
+    assert study_storage(in_query, interpolated=True, sweep_dir=SWEEP_DIR) == StorageURL(
+        in_query, f"env:{TRIAL_ENV}", {TRIAL_ENV: in_query})
 
 
 def test_a_password_written_into_the_setting_is_refused_without_showing_it():

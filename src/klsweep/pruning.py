@@ -22,7 +22,7 @@ import optuna
 from lightning.pytorch.callbacks import Callback
 
 from klsweep.records import summarize
-from klsweep.storage import resolve_storage
+from klsweep.storage import engine_kwargs, resolve_storage
 
 SWEEP_ATTR = "klsweep"  # the study's user attribute that the sweeper writes and runs read
 
@@ -48,7 +48,8 @@ class TrialPruning(Callback):
     objectives, so a multi-objective study only runs its trials to the end."""
 
     def __init__(self, storage: str, study_name: str, number: int) -> None:
-        rdb = optuna.storages.RDBStorage(resolve_storage(storage))
+        url = resolve_storage(storage)
+        rdb = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url))
         study_id = rdb.get_study_id_from_name(study_name)
         sweep = rdb.get_study_user_attrs(study_id)[SWEEP_ATTR]
         study = optuna.load_study(study_name=study_name, storage=rdb,

@@ -28,6 +28,7 @@ from optuna.trial import TrialState
 from hydra_plugins.klsweep_optuna._errors import SweepConfigError
 from hydra_plugins.klsweep_optuna._search_space import grid_values
 from klsweep.pruning import PRUNERS, make_pruner
+from klsweep.storage import engine_kwargs
 
 
 class _SweepGridSampler(GridSampler):
@@ -123,7 +124,7 @@ def make_storage(url: str, *, heartbeat_interval: int, grace_period: int,
                 url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
                     max_retry=max_retry),
-                engine_kwargs=_engine_kwargs(url))
+                engine_kwargs=engine_kwargs(url))
 
     for attempt in range(_CREATE_RETRIES):
         try:
@@ -144,12 +145,6 @@ def lost_creation_race(err: sqlalchemy.exc.DBAPIError) -> bool:
     if isinstance(err, (sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.IntegrityError)):
         return True
     return isinstance(err, sqlalchemy.exc.OperationalError) and "already exists" in str(err)
-
-
-def _engine_kwargs(url: str) -> dict[str, Any]:
-    # SQLite lets one writer in at a time; parallel trials and the heartbeat wait their turn
-    # rather than fail with "database is locked" after the driver's default 5 s
-    return {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
 
 
 def fail_stale_trials(study: optuna.Study) -> None:

@@ -207,12 +207,13 @@ class OptunaSweep:
 
     def requeue(self, study: optuna.Study, trial: Trial) -> None:
         """Queue an interrupted trial again with its params, as Optuna re-queues a stale one;
-        an interruption is not a failure, so there is no limit on how often."""
+        an interruption is not a failure, so there is no limit on how often, and it is kept
+        out of ``retry_history``, which counts the dead workers' retries against max_retry."""
         frozen = self.storage.get_trial(self.trial_ids[trial.number])
-        history = [*frozen.system_attrs.get("retry_history", []), trial.number]
+        interrupted = [*frozen.system_attrs.get("interrupted_trials", []), trial.number]
         study.add_trial(optuna.trial.create_trial(
             state=TrialState.WAITING, params=frozen.params, distributions=frozen.distributions,
-            system_attrs={**frozen.system_attrs, "retry_history": history,
+            system_attrs={**frozen.system_attrs, "interrupted_trials": interrupted,
                           "failed_trial": frozen.system_attrs.get("failed_trial", trial.number)}))
 
     def launch(self, batch: list[Trial]) -> Sequence[JobReturn]:
