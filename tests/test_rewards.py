@@ -60,6 +60,14 @@ def none_reward(prompts, completions, **row_fields):
     return [None] * len(completions)
 
 
+def text_reward(prompts, completions, **row_fields):
+    return ["0.5" for _ in completions]
+
+
+def bool_reward(prompts, completions, **row_fields):
+    return [True for _ in completions]
+
+
 def strict_reward(prompts, completions):
     return [0.0] * len(completions)
 
@@ -148,6 +156,8 @@ def test_a_callable_without_a_python_signature_is_accepted_unchecked():
     ("nan_reward", "reward {t} returned nan for completion 0 (a finite number is needed)"),
     ("none_reward", "reward {t} returned None for completion 0 (a finite number is needed)"),
     ("scalar_reward", "reward {t} returned a float, not a list of 2 numbers"),
+    ("text_reward", "reward {t} returned '0.5' for completion 0 (a finite number is needed)"),
+    ("bool_reward", "reward {t} returned True for completion 0 (a finite number is needed)"),
 ])
 def test_a_misbehaving_reward_ends_the_run_in_one_line(target, message):
     target = f"{HERE}.{target}"

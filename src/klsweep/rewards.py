@@ -238,7 +238,8 @@ def _call(term: RewardTerm, prompts: list[str], completions: list[str],
 
 def _number(name: str, i: int, value: Any) -> float:
     try:
-        number = float(value)
+        # float() would also read "0.5" and True: a reward of the wrong type is a bug to name
+        number = math.nan if isinstance(value, (str, bytes, bool)) else float(value)
     except (TypeError, ValueError):
         number = math.nan
     if not math.isfinite(number):

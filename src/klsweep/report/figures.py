@@ -55,9 +55,8 @@ def _panels(groups: Sequence[Any]) -> list[str]:
     return list(dict.fromkeys(g.panel for g in groups))
 
 
-def _subplots(n_panels: int, width: float = 6.2, height: float = 4.4, n_rows: int = 1):
-    n_cols = n_panels if n_rows == 1 else n_panels
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(width * n_cols + 2.4, height * n_rows),
+def _subplots(n_panels: int, width: float = 6.2, height: float = 4.4):
+    fig, axes = plt.subplots(1, n_panels, figsize=(width * n_panels + 2.4, height),
                              squeeze=False, layout="constrained")
     return fig, axes
 
@@ -97,7 +96,8 @@ def _symlog(ax: Any, axis: str, values: Sequence[float], floor: float) -> None:
             ax.set_xlim(left=0)
 
 
-def _legend(fig: Any, axes: Any) -> None:
+def figure_legend(fig: Any, axes: Any) -> None:
+    """One legend beside the figure for every label its panels drew, each label once."""
     handles, labels = {}, {}
     for ax in axes.flat:
         for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
@@ -146,7 +146,7 @@ def plot_trajectories(groups: Sequence[Any], path: Path, *, key: Callable[[Any],
     fig.suptitle(f"{title}\n{_n_seeds(groups)} per group: thin lines = one seed each, "
                  f"thick line = their mean"
                  + (f" as a {smooth}-step trailing mean" if smooth > 1 else ""), fontsize=11)
-    _legend(fig, axes)
+    figure_legend(fig, axes)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
@@ -263,7 +263,7 @@ def plot_reward_vs_kl(groups: Sequence[Any], path: Path) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle("What each β schedule buys: final reward against final KL\n"
                  "dots = one seed each, diamonds = mean ± std over seeds", fontsize=11)
-    _legend(fig, axes)
+    figure_legend(fig, axes)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
 

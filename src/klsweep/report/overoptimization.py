@@ -29,6 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from klsweep.records import final_mean  # noqa: E402
+from klsweep.report.figures import figure_legend  # noqa: E402
 from klsweep.tracking import SMOOTHING_WINDOW, trailing_mean  # noqa: E402
 
 FIGURE = "overoptimization.png"
@@ -300,12 +301,7 @@ def plot_overoptimization(groups: Sequence[ProxyGroup], path: Path) -> None:
         for ax in (gold_ax, proxy_ax):
             ax.axhline(0.0, color="black", lw=0.6)
             ax.grid(alpha=0.3)
-    handles: dict[str, Any] = {}
-    for ax in axes.flat:
-        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            handles.setdefault(label, h)
-    fig.legend(list(handles.values()), list(handles), loc="outside right center",
-               fontsize=8.5, frameon=False)
+    figure_legend(fig, axes)
     fig.suptitle("Over-optimisation: what optimising a proxy reward buys in gold reward as "
                  "KL grows\none line per run, one point per evaluation", fontsize=11)
     fig.savefig(path, dpi=DPI)

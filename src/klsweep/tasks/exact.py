@@ -19,12 +19,12 @@ it and every sampled completion has exactly ``completion_len`` tokens: the sampl
 is exactly the V^L enumerated completions.
 
 Every ``eval_every`` steps and at the last one, ``evaluate`` computes the policy's and the
-reference's log-probability of every completion of every prompt by teacher forcing (one
-batched forward per model over the V^(L−1) prefixes: the last position gives all V last
-tokens at once) and logs ``exact/*`` (see klsweep.exact_math). ``finalize`` writes the last
-evaluation to ``exact.json``, from which every figure can be recomputed, and the exact
-best-of-n curve over π_ref (n = 1, 2, 4, …, 64), the inference-time baseline beside the
-frontier.
+reference's log-probability of every completion of every prompt by teacher forcing (batched
+forwards over the V^(L−1) prefixes, at most ``_ROWS_PER_FORWARD`` rows each: the last
+position gives all V last tokens at once) and logs ``exact/*`` (see klsweep.exact_math).
+``finalize`` writes the last evaluation to ``exact.json``, from which every figure can be
+recomputed, and the exact best-of-n curve over π_ref (n = 1, 2, 4, …, 64), the
+inference-time baseline beside the frontier.
 
 With ``reward_source=proxy`` the policy optimises a reward model trained on gold-labelled
 pairs of the language's samples (klsweep.tasks.proxy). Its score of every completion of every
