@@ -262,20 +262,20 @@ class RunCheckpoint(Callback):
     def save(self, trainer: Any, module: Any) -> None:
         started = time.perf_counter()
         ranks = _gathered(trainer, module.rank_state())
+        payload = module.checkpoint_state()
         error: CheckpointError | None = None
         if trainer.is_global_zero:
             try:
-                self._write(module, ranks)
+                self._write(module, payload, ranks)
             except CheckpointError as err:
                 error = err
         if any_rank(trainer, error is not None):
             raise error or CheckpointError("rank 0 could not write the checkpoint")
         self.save_s.append(time.perf_counter() - started)
 
-    def _write(self, module: Any, ranks: list[Any]) -> None:
+    def _write(self, module: Any, payload: dict[str, Any], ranks: list[Any]) -> None:
         reward = module.history[-1].get("reward/mean", -math.inf) if module.history else -math.inf
         better = reward > self.best
-        payload = module.checkpoint_state()
         payload["klsweep"].update(self.meta, ranks=ranks, best_reward=max(self.best, reward))
         save_atomic(payload, self.dir / LAST)
         if better:

@@ -193,22 +193,26 @@ class KLPolicyModule(L.LightningModule):
         self.step_count += 1
 
     # --- checkpoints (klsweep.checkpoint writes them) -----------------------------------------
-    def trained_state(self) -> dict[str, Tensor]:
-        """The entries of the state dict that training changes: the trainable parameters
-        (with LoRA the adapter only), the buffers of the trained modules, and the reference's
-        parameters only when it moves (``kl.reference.sync_every``)."""
+    def trained_state(self, state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The entries of the state dict (``state``, else this module's) that training
+        changes: the trainable parameters (with LoRA the adapter only), the buffers of the
+        trained modules, and the reference's parameters only when it moves
+        (``kl.reference.sync_every``)."""
+        state = self.state_dict() if state is None else state
         moving = self.pair.kl.reference.sync_every > 0
         trained = {name for name, p in self.named_parameters() if p.requires_grad}
         trained |= {name for name, _ in self.named_buffers()
                     if not name.startswith(("reference.", "initial."))}
-        return {key: value for key, value in self.state_dict().items()
+        return {key: value for key, value in state.items()
                 if key in trained or (moving and key.startswith("reference."))}
 
     def checkpoint_state(self) -> dict[str, Any]:
-        """What every rank holds alike: the trained tensors, the optimiser, the schedule, the
-        step count and the task's state."""
-        return {"state_dict": self.trained_state(),
-                "optimizer_states": [self.trainer.optimizers[0].state_dict()],
+        """What the ranks share: the trained tensors, the optimiser, the schedule, the step
+        count and the task's state. Every rank calls it: the strategy gathers the state, which
+        under FSDP is collective (the full state lands on rank 0, which writes it)."""
+        strategy = self.trainer.strategy
+        return {"state_dict": self.trained_state(strategy.lightning_module_state_dict()),
+                "optimizer_states": [strategy.optimizer_state(self.trainer.optimizers[0])],
                 "global_step": self.step_count,
                 "klsweep": {"step_count": self.step_count, "schedule": self.schedule.state_dict(),
                             "task": self.task.state_dict()}}

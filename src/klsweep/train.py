@@ -122,6 +122,11 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
     rank_zero = rank_zero_only.rank == 0  # Lightning's DDP ranks > 0 run this too
     settings = run_settings(OmegaConf.to_container(cfg, resolve=True))
     resume = plan_resume(cfg.resume, run_dir, settings)
+    if resume.checkpoint is not None and cfg.trainer.get("strategy") == "fsdp":
+        # the checkpoint holds the full optimiser state; loading it back into FSDP's shards
+        # (optim_state_dict_to_load) is not written yet, and nobody has run it on GPUs
+        raise ResumeError(f"resume: {resume.source or run_dir} holds a checkpoint, and runs with "
+                          f"trainer=fsdp cannot resume yet; resume=never starts over")
     if resume.completed is not None:
         if rank_zero:
             log.info(f"klsweep: {resume.source} holds a completed run; nothing to train "
