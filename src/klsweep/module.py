@@ -162,7 +162,11 @@ class KLPolicyModule(L.LightningModule):
         the reward each measured on its own samples."""
         m = result.metrics
         keys = sorted(m)
-        mean_or_sum = torch.tensor([m[k] for k in keys] + [result.kl, result.beta_seq,
+        # the pooled batch's spread is not the mean of the ranks' spreads: it also holds how
+        # far apart their means are, so the ranks share the reward's second moment
+        second_moment = m["reward/std"] ** 2 + m["reward/mean"] ** 2 if "reward/std" in m else 0.0
+        mean_or_sum = torch.tensor([m[k] for k in keys] + [second_moment, result.kl,
+                                                           result.beta_seq,
                                                            float(result.n_samples)],
                                    dtype=torch.float64, device=self.device)
         peaks = torch.tensor([m[k] for k in PEAKED if k in m]
@@ -175,6 +179,9 @@ class KLPolicyModule(L.LightningModule):
         total = mean_or_sum.tolist()
         metrics = {k: v if k in SUMMED else v / world
                    for k, v in zip(keys, total[:len(keys)], strict=True)}
+        if "reward/std" in m:  # ranks draw equal batches, so the pooled moments are means
+            pooled = total[len(keys)] / world - metrics["reward/mean"] ** 2
+            metrics["reward/std"] = math.sqrt(max(pooled, 0.0))
         *peak, beta_max, neg_beta_min, reward_max, neg_reward_min = peaks.tolist()
         metrics.update(dict(zip([k for k in PEAKED if k in m], peak, strict=True)))
         metrics.update({"dist/world_size": float(world),
