@@ -2,16 +2,28 @@
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 # The smallest run that still exercises every part: 2 prompts × 2 completions, 4 steps.
 TINY = ["steps=4", "algo.prompts_per_step=2", "algo.group_size=2", "checkpoint.every=2",
         "trainer.enable_progress_bar=false"]
+
+
+@pytest.fixture(autouse=True)
+def _same_random_state():
+    """Every test starts from one random state, whichever tests its worker ran before it
+    (the suite runs modules on several workers, in an order that changes from run to run)."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture(autouse=True)
