@@ -104,8 +104,10 @@ def test_shared_prompts_give_the_plain_logits_and_gradients(checkpoints, arch):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
 
 
-def test_chunked_scoring_without_gradient_equals_one_pass(checkpoints):
-    chunked, _ = build(checkpoints["llama"], chunk_rows=2)
+# chunk_rows below, equal to and above the group: a group larger than chunk_rows is a chunk
+@pytest.mark.parametrize("chunk_rows", [1, 2, 4])
+def test_chunked_scoring_without_gradient_equals_one_pass(checkpoints, chunk_rows):
+    chunked, _ = build(checkpoints["llama"], chunk_rows=chunk_rows)
     prompts, prompt_mask, _ = padded_batch(2)
     tokens = prompts.repeat_interleave(2, dim=0)
     mask = prompt_mask.repeat_interleave(2, dim=0)

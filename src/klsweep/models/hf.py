@@ -84,9 +84,15 @@ class HFCausalLM(nn.Module):
         > 1 each shared prompt is computed once, its keys and values (with gradient)
         repeated for its group, except under gradient checkpointing, which refuses a cache."""
         if self._chunked(tokens):
+            # each chunk goes to the unchunked body: a chunk of one whole group can exceed
+            # chunk_rows, and splitting it again would never end
             return self._by_chunks(
-                lambda t, m: self.completion_logits(t, m, prompt_len, group_size),
+                lambda t, m: self._completion_logits(t, m, prompt_len, group_size),
                 tokens, attention_mask, group_size)
+        return self._completion_logits(tokens, attention_mask, prompt_len, group_size)
+
+    def _completion_logits(self, tokens: Tensor, attention_mask: Tensor | None,
+                           prompt_len: int, group_size: int) -> Tensor:
         n = tokens.shape[1] - prompt_len
         if group_size > 1 and n > 1 and not (self.checkpointing and self.training):
             return self._shared_prompt_logits(tokens, attention_mask, prompt_len, group_size)
@@ -109,8 +115,12 @@ class HFCausalLM(nn.Module):
         """Final hidden states [B, N, hidden] (the lm head's input) at the positions that
         predict each completion token."""
         if self._chunked(tokens):
-            return self._by_chunks(lambda t, m: self.completion_hidden(t, m, prompt_len),
+            return self._by_chunks(lambda t, m: self._completion_hidden(t, m, prompt_len),
                                    tokens, attention_mask)
+        return self._completion_hidden(tokens, attention_mask, prompt_len)
+
+    def _completion_hidden(self, tokens: Tensor, attention_mask: Tensor | None,
+                           prompt_len: int) -> Tensor:
         mask = None if attention_mask is None else attention_mask[:, :-1]
         out = self._output(tokens[:, :-1], mask, None, keep=1, output_hidden_states=True)
         return out.hidden_states[-1][:, prompt_len - 1:]
