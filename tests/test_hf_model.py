@@ -146,6 +146,12 @@ def test_cached_decoding_equals_a_full_forward_pass(checkpoints, arch):
             steps.append(policy(tokens[:, t:t + 1], mask[:, :t + 1], cache))
     # padding positions carry no prediction; every real one must agree
     torch.testing.assert_close(torch.cat(steps, dim=1)[mask], full[mask], rtol=0, atol=1e-5)
+    # a prefill that keeps the last position's logits only, as sampling asks for them
+    with torch.no_grad():
+        last = policy(tokens[:, :PROMPT_LEN], mask[:, :PROMPT_LEN],
+                      policy.new_cache(3, tokens.shape[1]), last_only=True)
+    assert last.shape == (3, 1, policy.vocab_size)
+    torch.testing.assert_close(last, steps[0][:, -1:], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

@@ -30,10 +30,12 @@ class CausalLM(Protocol):
     hidden_size: int
 
     def __call__(self, tokens: Tensor, attention_mask: Tensor | None = None,
-                 cache: Cache | None = None) -> Tensor:
-        """Logits [B, T, vocab] of the next token at every position of ``tokens``. With a
-        cache, ``tokens`` continue the cached sequences (``attention_mask`` then covers the
-        cached and the new positions) and the cache grows by T."""
+                 cache: Cache | None = None, *, last_only: bool = False) -> Tensor:
+        """Logits [B, T, vocab] of the next token at every position of ``tokens`` ([B, 1,
+        vocab] of the last one with ``last_only``: a prefill needs no more, and at a large
+        vocabulary the others are the memory peak). With a cache, ``tokens`` continue the
+        cached sequences (``attention_mask`` then covers the cached and the new positions)
+        and the cache grows by T."""
         ...
 
     def new_cache(self, batch_size: int, max_len: int) -> Cache:

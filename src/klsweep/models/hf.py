@@ -67,10 +67,11 @@ class HFCausalLM(nn.Module):
                           use_cache=cache is not None, logits_to_keep=keep, **kwargs)
 
     def forward(self, tokens: Tensor, attention_mask: Tensor | None = None,
-                cache: HFCache | None = None) -> Tensor:
-        """Logits [B, T, vocab]; with a cache, ``tokens`` continue the cached sequences and
-        ``attention_mask`` covers the cached and the new positions."""
-        return self._output(tokens, attention_mask, cache, keep=0).logits
+                cache: HFCache | None = None, *, last_only: bool = False) -> Tensor:
+        """Logits [B, T, vocab] ([B, 1, vocab] of the last position with ``last_only``);
+        with a cache, ``tokens`` continue the cached sequences and ``attention_mask`` covers
+        the cached and the new positions."""
+        return self._output(tokens, attention_mask, cache, keep=1 if last_only else 0).logits
 
     def new_cache(self, batch_size: int, max_len: int) -> HFCache:
         """An empty cache; a DynamicCache grows as it is filled, so ``max_len`` is unused."""
@@ -184,9 +185,9 @@ class AdapterDisabled(nn.Module):
             policy.train(was_training)
 
     def forward(self, tokens: Tensor, attention_mask: Tensor | None = None,
-                cache: HFCache | None = None) -> Tensor:
+                cache: HFCache | None = None, *, last_only: bool = False) -> Tensor:
         with self._base_model():
-            return self.policy(tokens, attention_mask, cache)
+            return self.policy(tokens, attention_mask, cache, last_only=last_only)
 
     def new_cache(self, batch_size: int, max_len: int) -> HFCache:
         return self.policy.new_cache(batch_size, max_len)

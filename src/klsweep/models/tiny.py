@@ -203,9 +203,13 @@ class TinyGPT(nn.Module):
         return self.ln_f(x)
 
     def forward(self, idx: Tensor, attention_mask: Tensor | None = None,
-                cache: KVCache | SharedPrefix | None = None, record: bool = False) -> Tensor:
-        """Logits [B, T, vocab] of the next token at every position of ``idx``."""
-        return self.lm_head(self.hidden_states(idx, cache, record, attention_mask))
+                cache: KVCache | SharedPrefix | None = None, record: bool = False, *,
+                last_only: bool = False) -> Tensor:
+        """Logits [B, T, vocab] of the next token at every position of ``idx``; with
+        ``last_only``, [B, 1, vocab] of the last, sliced from all of them: at this model's
+        vocabulary they cost nothing, and the head's product keeps its shape (and numbers)."""
+        logits = self.lm_head(self.hidden_states(idx, cache, record, attention_mask))
+        return logits[:, -1:] if last_only else logits
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         weight = self.wte.weight
