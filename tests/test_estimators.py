@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from klsweep.kl import ESTIMATORS, kl_metrics, kl_penalty_per_token, kl_per_token, masked_mean
+from klsweep.kl import (
+    ESTIMATORS,
+    estimators,
+    kl_metrics,
+    kl_penalty_per_token,
+    kl_per_token,
+    masked_mean,
+)
+from klsweep.kl.estimators import full_kl
 
 
 def test_estimators_match_their_formulas():
@@ -116,3 +124,14 @@ def test_kl_metrics_report_every_estimator_from_one_batch():
     assert out["kl/mean"] == out["kl/k3"]
     k3 = kl_per_token(logp, ref_logp, "k3")
     assert out["kl/seq"] == pytest.approx(float((k3 * mask).sum(1).mean()), rel=1e-6)
+
+
+def test_full_kl_in_chunks_of_rows_equals_one_pass_with_its_gradient(monkeypatch):
+    logits = torch.randn(5, 3, 7, requires_grad=True)
+    ref_logits = torch.randn(5, 3, 7)
+    whole = full_kl(logits, ref_logits)
+    (grad_whole,) = torch.autograd.grad(whole.sum(), logits)
+    monkeypatch.setattr(estimators, "VOCAB_CHUNK_ELEMENTS", 2 * 3 * 7)  # rows of 2, 2 and 1
+    chunked = full_kl(logits, ref_logits)
+    (grad_chunked,) = torch.autograd.grad(chunked.sum(), logits)
+    assert torch.equal(chunked, whole) and torch.equal(grad_chunked, grad_whole)

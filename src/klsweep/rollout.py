@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from klsweep.kl.estimators import by_row_chunks
 from klsweep.models.base import CausalLM
 
 
@@ -152,24 +153,23 @@ def completion_logits(model: CausalLM, rollout: Rollout, temperature: float = 1.
     return logits / temperature if temperature != 1.0 else logits
 
 
-# Elements of full-vocabulary temporaries per chunk of token_logprobs: 2**26 float32 are
-# 256 MiB, a batch of rows at a 150k vocabulary instead of the whole [B, N, V] at once
-LOGSOFTMAX_CHUNK_ELEMENTS = 2**26
-
-
 def token_logprobs(logits: Tensor, tokens: Tensor, chunk_rows: int | None = None) -> Tensor:
     """log π(token) [B, N] from logits [B, N, vocab]. The log-softmax is taken ``chunk_rows``
-    rows of B at a time (None: as many as fit in ``LOGSOFTMAX_CHUNK_ELEMENTS``), so that a
+    rows of B at a time (None: as many as fit in ``VOCAB_CHUNK_ELEMENTS``), so that a
     full-vocabulary temporary never exists for every position at once (the memory peak at a
     150k vocabulary; TRL's selective_log_softmax has the same aim). Each row's numbers are
     those of one log-softmax over the whole tensor."""
-    rows = chunk_rows or max(1, LOGSOFTMAX_CHUNK_ELEMENTS // max(1, logits[0].numel()))
-    return torch.cat([torch.log_softmax(chunk, dim=-1).gather(-1, index[..., None]).squeeze(-1)
-                      for chunk, index in zip(logits.split(rows), tokens.split(rows),
-                                              strict=True)])
+    def picked(rows: Tensor, index: Tensor) -> Tensor:
+        return torch.log_softmax(rows, dim=-1).gather(-1, index[..., None]).squeeze(-1)
+
+    return by_row_chunks(picked, logits, tokens, rows=chunk_rows)
 
 
 def token_entropy(logits: Tensor) -> Tensor:
-    """Entropy [B, N] of the next-token distribution at each position."""
-    logp_all = torch.log_softmax(logits, dim=-1)
-    return -(logp_all.exp() * logp_all).sum(-1)
+    """Entropy [B, N] of the next-token distribution at each position, a chunk of rows at a
+    time (as ``token_logprobs``)."""
+    def entropy(rows: Tensor) -> Tensor:
+        logp_all = torch.log_softmax(rows, dim=-1)
+        return -(logp_all.exp() * logp_all).sum(-1)
+
+    return by_row_chunks(entropy, logits)

@@ -36,11 +36,30 @@ _SAMPLED: dict[str, Callable[[Tensor], Tensor]] = {"k1": _k1, "k2": _k2, "k3": _
 ESTIMATORS: tuple[str, ...] = (*_SAMPLED, "full")
 
 
+# Elements of full-vocabulary temporaries per chunk of rows: 2**26 float32 are 256 MiB, a
+# batch of rows at a 150k vocabulary instead of the whole [B, N, V] at once
+VOCAB_CHUNK_ELEMENTS = 2**26
+
+
+def by_row_chunks(fn: Callable[..., Tensor], *tensors: Tensor, rows: int | None = None) -> Tensor:
+    """``fn`` over chunks of ``rows`` rows of ``tensors`` (None: as many as fit in
+    ``VOCAB_CHUNK_ELEMENTS`` elements of the first), concatenated: a function that takes a
+    full-vocabulary log-softmax of each row gives each row the numbers of one call on the
+    whole tensor, without a [B, N, V] temporary for every position at once."""
+    rows = rows or max(1, VOCAB_CHUNK_ELEMENTS // max(1, tensors[0][0].numel()))
+    return torch.cat([fn(*parts) for parts in zip(*(t.split(rows) for t in tensors),
+                                                   strict=True)])
+
+
 def full_kl(logits: Tensor, ref_logits: Tensor) -> Tensor:
-    """Exact KL(π‖π_ref) over the vocabulary, from logits [..., vocab] -> [...]."""
-    logp_all = torch.log_softmax(logits.float(), dim=-1)
-    ref_logp_all = torch.log_softmax(ref_logits.float(), dim=-1)
-    return (logp_all.exp() * (logp_all - ref_logp_all)).sum(-1).to(logits.dtype)
+    """Exact KL(π‖π_ref) over the vocabulary, from logits [..., vocab] -> [...], a chunk of
+    rows at a time."""
+    def kl(rows: Tensor, ref_rows: Tensor) -> Tensor:
+        logp_all = torch.log_softmax(rows.float(), dim=-1)
+        ref_logp_all = torch.log_softmax(ref_rows.float(), dim=-1)
+        return (logp_all.exp() * (logp_all - ref_logp_all)).sum(-1).to(rows.dtype)
+
+    return by_row_chunks(kl, logits, ref_logits)
 
 
 def kl_per_token(
