@@ -131,11 +131,14 @@ class PolicyPair:
 
     # --- sampling ----------------------------------------------------------------------------
     def sample(self, prompts: Prompts, n_per_prompt: int) -> Rollout:
-        """``n_per_prompt`` completions of each prompt from the policy (in eval mode)."""
+        """``n_per_prompt`` completions of each prompt from the policy (in eval mode; its
+        mode is restored after, whatever it was, and when sampling fails)."""
+        was_training = self.policy.training
         self.policy.eval()
-        rollout = self._generate(self.policy, prompts, n_per_prompt)
-        self.policy.train()
-        return rollout
+        try:
+            return self._generate(self.policy, prompts, n_per_prompt)
+        finally:
+            self.policy.train(was_training)
 
     def sample_reference(self, prompts: Prompts, n_per_prompt: int) -> Rollout:
         """Completions from π_ref as the run began (an offline preference data set): with a

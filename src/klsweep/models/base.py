@@ -13,6 +13,12 @@ from typing import Protocol, runtime_checkable
 from torch import Tensor
 
 
+def padded_positions(attention_mask: Tensor, length: int) -> Tensor:
+    """Position ids [B, length] of the last ``length`` tokens: a left-padded row counts its
+    real tokens only (as transformers' generate: cumsum − 1, clamped at 0 on padding)."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)[:, -length:]
+
+
 class Cache(Protocol):
     """Keys and values of the sequences decoded so far."""
 

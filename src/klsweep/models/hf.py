@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from klsweep.models.base import padded_positions
+
 if TYPE_CHECKING:
     from transformers import DynamicCache
 
@@ -38,12 +40,6 @@ class HFCache:
         return HFCache(new)
 
 
-def _positions(attention_mask: Tensor, length: int) -> Tensor:
-    """Position ids [B, length] of the last ``length`` tokens: a left-padded row counts its
-    real tokens only (as transformers' generate: cumsum − 1, clamped at 0 on padding)."""
-    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)[:, -length:]
-
-
 class HFCausalLM(nn.Module):
     """A transformers causal LM (``self.model``, possibly a peft model) behind klsweep's
     model interface."""
@@ -62,7 +58,7 @@ class HFCausalLM(nn.Module):
         all), so that [B, T, vocab] is never made when fewer are needed."""
         if attention_mask is not None:
             kwargs.update(attention_mask=attention_mask.long(),
-                          position_ids=_positions(attention_mask, tokens.shape[1]))
+                          position_ids=padded_positions(attention_mask, tokens.shape[1]))
         return self.model(input_ids=tokens, cache=None if cache is None else cache.inner,
                           use_cache=cache is not None, logits_to_keep=keep, **kwargs)
 

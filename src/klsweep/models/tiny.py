@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from klsweep.models.base import padded_positions
 from klsweep.models.reference import pretrained_reference
 from klsweep.schema import ConfigError, spec
 
@@ -119,7 +120,8 @@ class CausalSelfAttention(nn.Module):
             # aligns to the top left, so a continuation of a prefix needs an explicit mask.
             if mask is None and T > 1:
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            # dropout too: a shared prompt's completions train with it as plain rows do
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -192,8 +194,7 @@ class TinyGPT(nn.Module):
         if attention_mask is None:
             pos = torch.arange(start, start + T, device=idx.device)
         else:
-            # a left-padded row's positions count its real tokens only, as in HF models
-            pos = (attention_mask.long().cumsum(1) - 1).clamp(min=0)[:, -T:]
+            pos = padded_positions(attention_mask, T)
             mask = _padded_causal_mask(attention_mask, T)
         x = self.wte(idx) + self.wpe(pos)
         for layer, block in enumerate(self.blocks):
