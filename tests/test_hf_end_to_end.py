@@ -50,6 +50,25 @@ def test_a_saved_transformers_model_trains_on_text_prompts_with_a_sentiment_rewa
 
 
 @pytest.mark.slow
+def test_a_lora_run_leaves_its_adapter_for_peft_to_load(model_dirs, prompt_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    summary, _ = run_and_read(tmp_path, "algo=grpo", "model=hf",
+                              f"model.name={model_dirs['llama']}", f"task.prompts={prompt_file}",
+                              "model.lora={r: 4, alpha: 8, dropout: 0.0, "
+                              "target_modules: [q_proj, v_proj]}", *TEXT_RUN, *SMALL["grpo"],
+                              "task.reward=length")  # rewards that differ: a gradient to take
+    assert summary["status"] == "completed"
+    base = AutoModelForCausalLM.from_pretrained(model_dirs["llama"])
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    trained = {name for name, _ in loaded.named_parameters() if "lora_" in name}
+    assert trained and all(".q_proj." in n or ".v_proj." in n for n in trained)
+    # LoRA's B starts at zero: a saved B that is not is the trained adapter
+    assert any(p.abs().sum() > 0 for n, p in loaded.named_parameters() if "lora_B" in n)
+
+
+@pytest.mark.slow
 def test_dpo_trains_on_a_preference_file_in_trl_s_format(tmp_path, prompt_file):
     model_dir = save_tiny_model(tmp_path / "model", "llama")
     preferences = tmp_path / "pairs.jsonl"

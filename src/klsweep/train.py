@@ -31,7 +31,7 @@ from klsweep.checkpoint import (
 )
 from klsweep.config import build_schedule, validate
 from klsweep.errors import RunFailed
-from klsweep.models import build_models, load_tokenizer
+from klsweep.models import build_models, export_policy, load_tokenizer
 from klsweep.module import KLPolicyModule
 from klsweep.policy import KLConfig, PolicyPair
 from klsweep.progress import StepProgressBar
@@ -174,6 +174,7 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
         return {}
     try:
         module.task.finalize(module.pair, run_dir)
+        export_policy(module.policy, run_dir)
     except Exception as err:  # a run whose record fails to write has failed too
         if error is None:
             status, reason, error = "failed", f"{type(err).__name__}: {err}", err

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from klsweep.models.base import Cache, CausalLM
+from klsweep.models.hf import HFCausalLM, save_adapter
 from klsweep.models.hf_build import HFModelConfig, build_hf
 from klsweep.models.hf_build import load_tokenizer as hf_tokenizer
 from klsweep.models.tiny import KVCache, TinyConfig, TinyGPT, build_tiny
@@ -37,6 +39,16 @@ def load_tokenizer(model_cfg: Any) -> Any:
     return None if kind.tokenizer is None else kind.tokenizer(from_node(kind.Config, model_cfg))
 
 
+def export_policy(policy: nn.Module, run_dir: Path) -> Path | None:
+    """What a finished run leaves for use elsewhere, beside its checkpoints: a LoRA policy's
+    adapter in ``run_dir/adapter`` (``PeftModel.from_pretrained(base, run_dir / "adapter")``).
+    Returns where it wrote, or None (the checkpoint holds a full policy's weights)."""
+    if not (isinstance(policy, HFCausalLM) and policy.is_lora):
+        return None
+    save_adapter(policy, run_dir / "adapter")
+    return run_dir / "adapter"
+
+
 def build_models(model_cfg: Any, task: Any) -> tuple[nn.Module, nn.Module]:
     """The policy (trainable) and the reference (frozen) that ``model_cfg`` names."""
     kind = MODELS[model_cfg.kind]
@@ -44,4 +56,4 @@ def build_models(model_cfg: Any, task: Any) -> tuple[nn.Module, nn.Module]:
 
 
 __all__ = ["MODELS", "Cache", "CausalLM", "KVCache", "ModelKind", "TinyConfig", "TinyGPT",
-           "build_models", "load_tokenizer"]
+           "build_models", "export_policy", "load_tokenizer"]

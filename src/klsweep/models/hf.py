@@ -69,6 +69,12 @@ class HFCausalLM(nn.Module):
         the cached and the new positions."""
         return self._output(tokens, attention_mask, cache, keep=1 if last_only else 0).logits
 
+    @property
+    def is_lora(self) -> bool:
+        from peft import PeftModel
+
+        return isinstance(self.model, PeftModel)
+
     def new_cache(self, batch_size: int, max_len: int) -> HFCache:
         """An empty cache; a DynamicCache grows as it is filled, so ``max_len`` is unused."""
         from transformers import DynamicCache
@@ -202,8 +208,6 @@ class AdapterDisabled(nn.Module):
 def save_adapter(policy: HFCausalLM, directory: str | Path) -> None:
     """Write a LoRA policy's adapter (only) into ``directory``, for
     ``PeftModel.from_pretrained(base_model, directory)``."""
-    from peft import PeftModel
-
-    if not isinstance(policy.model, PeftModel):
+    if not policy.is_lora:
         raise ValueError("save_adapter needs a LoRA policy (model.lora is null)")
     policy.model.save_pretrained(str(directory))
