@@ -9,7 +9,7 @@ import torch
 from klsweep.config import choice_config, compose_and_validate
 from klsweep.models.tiny import TinyGPT
 from klsweep.policy import KLConfig, PolicyPair
-from klsweep.schema import from_node
+from klsweep.schema import ConfigError, from_node
 from tests.conftest import run_and_read
 
 
@@ -25,6 +25,19 @@ def _pair(sync_every: int, mix: float) -> PolicyPair:
             p.add_(torch.randn_like(p))
     return PolicyPair(policy, reference, from_node(KLConfig, cfg.kl), temperature=1.0,
                       max_new_tokens=4, eos_id=6)
+
+
+def test_a_reference_of_another_shape_cannot_move_and_says_so_before_training():
+    cfg = compose_and_validate({"kl.reference.sync_every": "4"})
+    policy = TinyGPT(choice_config("model", "tiny", n_layer=1, n_head=2, n_embd=16),
+                     vocab_size=7, block_size=8)
+    reference = TinyGPT(choice_config("model", "tiny", n_layer=1, n_head=2, n_embd=32),
+                        vocab_size=7, block_size=8)
+    with pytest.raises(ConfigError, match=r"^kl.reference.sync_every mixes the policy into "
+                                          r"the reference parameter by parameter, but the "
+                                          r"reference's parameters are not the policy's"):
+        PolicyPair(policy, reference, from_node(KLConfig, cfg.kl), temperature=1.0,
+                   max_new_tokens=4, eos_id=6)
 
 
 @pytest.mark.parametrize("mix", [0.6, 1.0])

@@ -24,7 +24,7 @@ from klsweep.rollout import (
     token_entropy,
     token_logprobs,
 )
-from klsweep.schema import check_node, from_node, spec
+from klsweep.schema import ConfigError, check_node, from_node, spec
 
 PLACEMENTS = ("reward", "loss", "none")
 UNITS = ("token", "sequence")
@@ -108,6 +108,18 @@ class Measurement:
                            self.kl, 0)
 
 
+def _check_movable(policy: nn.Module, reference: nn.Module) -> None:
+    """A moving reference is mixed with the policy parameter by parameter: refuse, before
+    training, a reference whose parameters are not the policy's (another checkpoint)."""
+    shapes = {name: p.shape for name, p in policy.named_parameters()}
+    other = [name for name, p in reference.named_parameters() if shapes.get(name) != p.shape]
+    if other or len(shapes) != sum(1 for _ in reference.named_parameters()):
+        raise ConfigError(f"kl.reference.sync_every mixes the policy into the reference "
+                          f"parameter by parameter, but the reference's parameters are not "
+                          f"the policy's ({', '.join(other[:2]) or 'another count'}); a "
+                          f"model.reference_name of another shape needs sync_every=0")
+
+
 class PolicyPair:
     """π_θ and π_ref, and the operations on them that the algorithms share. With a moving
     reference (``kl.reference.sync_every`` > 0) it also keeps the initial model, so that
@@ -122,6 +134,8 @@ class PolicyPair:
         self.temperature = temperature
         self.max_new_tokens = max_new_tokens
         self.eos_id = eos_id
+        if kl.reference.sync_every > 0:
+            _check_movable(policy, reference)
         self.initial = (copy.deepcopy(reference).requires_grad_(False)
                         if kl.reference.sync_every > 0 else None)
 
@@ -156,8 +170,13 @@ class PolicyPair:
     @torch.no_grad()
     def reference_logprobs(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
         """π_ref's logits and log-probs of the completion tokens."""
-        self.reference.eval()
-        logits = completion_logits(self.reference, rollout, self.temperature)
+        return self._frozen_logprobs(self.reference, rollout)
+
+    def _frozen_logprobs(self, model: nn.Module, rollout: Rollout) -> tuple[Tensor, Tensor]:
+        """A frozen model's (π_ref's, the initial model's) logits and log-probs of the
+        completion tokens, in eval mode."""
+        model.eval()
+        logits = completion_logits(model, rollout, self.temperature)
         return logits, token_logprobs(logits, rollout.completions)
 
     def policy_logprobs(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
@@ -242,9 +261,7 @@ class PolicyPair:
 
     def _kl_to_initial(self, scored: Scored) -> float:
         """The configured estimator's mean per token against the initial model."""
-        self.initial.eval()
-        init_logits = completion_logits(self.initial, scored.rollout, self.temperature)
-        init_logp = token_logprobs(init_logits, scored.rollout.completions)
+        init_logits, init_logp = self._frozen_logprobs(self.initial, scored.rollout)
         kl = kl_per_token(scored.logp.detach(), init_logp, self.kl.estimator,
                           logits=scored.logits.detach(), ref_logits=init_logits,
                           clamp=self.kl.clamp)
