@@ -112,12 +112,14 @@ def _check_movable(policy: nn.Module, reference: nn.Module) -> None:
     """A moving reference is mixed with the policy parameter by parameter: refuse, before
     training, a reference whose parameters are not the policy's (another checkpoint)."""
     shapes = {name: p.shape for name, p in policy.named_parameters()}
-    other = [name for name, p in reference.named_parameters() if shapes.get(name) != p.shape]
-    if other or len(shapes) != sum(1 for _ in reference.named_parameters()):
+    ref_shapes = {name: p.shape for name, p in reference.named_parameters()}
+    if ref_shapes != shapes:
+        differing = sorted(name for name in shapes.keys() | ref_shapes.keys()
+                           if shapes.get(name) != ref_shapes.get(name))
         raise ConfigError(f"kl.reference.sync_every mixes the policy into the reference "
                           f"parameter by parameter, but the reference's parameters are not "
-                          f"the policy's ({', '.join(other[:2]) or 'another count'}); a "
-                          f"model.reference_name of another shape needs sync_every=0")
+                          f"the policy's ({', '.join(differing[:2])}); a model.reference_name "
+                          f"of another shape needs sync_every=0")
 
 
 class PolicyPair:

@@ -39,14 +39,12 @@ def load_tokenizer(model_cfg: Any) -> Any:
     return None if kind.tokenizer is None else kind.tokenizer(from_node(kind.Config, model_cfg))
 
 
-def export_policy(policy: nn.Module, run_dir: Path) -> Path | None:
+def export_policy(policy: nn.Module, run_dir: Path) -> None:
     """What a finished run leaves for use elsewhere, beside its checkpoints: a LoRA policy's
-    adapter in ``run_dir/adapter`` (``PeftModel.from_pretrained(base, run_dir / "adapter")``).
-    Returns where it wrote, or None (the checkpoint holds a full policy's weights)."""
-    if not (isinstance(policy, HFCausalLM) and policy.is_lora):
-        return None
-    save_adapter(policy, run_dir / "adapter")
-    return run_dir / "adapter"
+    adapter in ``run_dir/adapter`` (``PeftModel.from_pretrained(base, run_dir / "adapter")``);
+    a full policy's weights are in the checkpoint already."""
+    if isinstance(policy, HFCausalLM) and policy.is_lora:
+        save_adapter(policy, run_dir / "adapter")
 
 
 def build_models(model_cfg: Any, task: Any) -> tuple[nn.Module, nn.Module]:
