@@ -186,7 +186,7 @@ def test_the_pruner_stops_clearly_bad_trials_and_records_them_as_pruned(tmp_path
 
 @pytest.mark.slow
 def test_a_trial_left_running_by_a_killed_worker_is_failed_and_run_again(tmp_path):
-    args = ["sweep=beta_target", "steps=20", *FAST, "hydra.sweeper.n_trials=1",
+    args = ["sweep=beta_target", "steps=200", *FAST, "hydra.sweeper.n_trials=1",
             "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3"]
     env = {**os.environ, "WANDB_MODE": "offline"}
     worker = subprocess.Popen([sys.executable, "-m", "klsweep", "-m", *args,
@@ -197,9 +197,18 @@ def test_a_trial_left_running_by_a_killed_worker_is_failed_and_run_again(tmp_pat
         while not (tmp_path / "0" / "metrics.jsonl").exists():  # trial 0 is training
             assert worker.poll() is None and time.monotonic() < deadline
             time.sleep(0.5)
+        jobs = children(worker.pid)  # the trial's process, forked by klsweep_local
     finally:
         worker.send_signal(signal.SIGKILL)
         worker.wait()
+    assert jobs
+    deadline = time.monotonic() + 60
+    while any(Path(f"/proc/{pid}").exists() for pid in jobs):  # it stops with the sweep
+        assert time.monotonic() < deadline, f"jobs {jobs} outlived the killed sweep"
+        time.sleep(0.2)
+    # the kernel's SIGTERM (klsweep_local asks for it) stopped it after a step, checkpointed
+    assert yaml.safe_load((tmp_path / "0" / "summary.json").read_text())["status"] \
+        == "interrupted"
     assert states(load(tmp_path, "beta_target")) == ["RUNNING"]
 
     rerun = klsweep(*args, sweep_dir=tmp_path)
@@ -209,6 +218,11 @@ def test_a_trial_left_running_by_a_killed_worker_is_failed_and_run_again(tmp_pat
     stale, retried = study.trials
     assert retried.params == stale.params
     assert retried.system_attrs["failed_trial"] == 0
+
+
+def children(pid: int) -> list[int]:
+    return [int(child) for child in
+            Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
 @pytest.mark.slow

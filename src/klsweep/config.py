@@ -238,27 +238,37 @@ def check_overrides(args: list[str], conf_dir: Path = CONF_DIR) -> list[dict[str
     return [dict(combo) for combo in itertools.product(*axes)]
 
 
+def _check_keys_exist(base: DictConfig, overrides: dict[str, str], group_names: set[str]) -> None:
+    for key in overrides:
+        plain = key.lstrip("+~")
+        if key.startswith("+") or plain in group_names:
+            continue
+        parent, _, leaf = plain.rpartition(".")
+        node = OmegaConf.select(base, parent) if parent else base
+        if not isinstance(node, DictConfig) or leaf not in node:
+            siblings = ", ".join(str(k) for k in node) if isinstance(node, DictConfig) else ""
+            where = f" (allowed under {parent}: {siblings})" if parent and siblings else ""
+            raise ConfigError(f"{plain} is not a known key{where}")
+
+
 def compose_and_validate(overrides: dict[str, str], conf_dir: Path = CONF_DIR) -> DictConfig:
     """Compose the run config for ``overrides`` as Hydra would, and validate it."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
 
     group_names = set(config_groups(conf_dir))
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        groups_only = [f"{k}={v}" for k, v in overrides.items() if k.lstrip("+~") in group_names]
-        base = compose("config", overrides=groups_only)
-        for key in overrides:
-            plain = key.lstrip("+~")
-            if key.startswith("+") or plain in group_names:
-                continue
-            parent, _, leaf = plain.rpartition(".")
-            node = OmegaConf.select(base, parent) if parent else base
-            if not isinstance(node, DictConfig) or leaf not in node:
-                siblings = ", ".join(str(k) for k in node) if isinstance(node, DictConfig) else ""
-                where = f" (allowed under {parent}: {siblings})" if parent and siblings else ""
-                raise ConfigError(f"{plain} is not a known key{where}")
-        cfg = compose("config", overrides=[f"{k}={v}" for k, v in overrides.items()])
+        try:
+            cfg = compose("config", overrides=[f"{k}={v}" for k, v in overrides.items()])
+        except HydraException:
+            # Hydra's message for a key that does not exist names neither the keys allowed
+            # nor where: compose the groups alone to say so, and else give Hydra's own
+            _check_keys_exist(compose("config", overrides=[
+                f"{k}={v}" for k, v in overrides.items() if k.lstrip("+~") in group_names]),
+                overrides, group_names)
+            raise
     GlobalHydra.instance().clear()
     validate(cfg)
     return cfg

@@ -150,17 +150,14 @@ def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
 
 
 def versions() -> dict[str, str]:
-    import hydra
-    import lightning
-    import optuna
-    import torch
-    import wandb
+    # from the installed packages' metadata: importing wandb only for its version took 0.5 s
+    # of every run without the W&B logger
+    from importlib.metadata import version
 
-    import klsweep
-
-    return {"klsweep": klsweep.__version__, "python": platform.python_version(),
-            "torch": torch.__version__, "lightning": lightning.__version__,
-            "hydra": hydra.__version__, "optuna": optuna.__version__, "wandb": wandb.__version__}
+    packages = {"klsweep": "klsweep", "torch": "torch", "lightning": "lightning",
+                "hydra": "hydra-core", "optuna": "optuna", "wandb": "wandb"}
+    return {"python": platform.python_version(),
+            **{name: version(package) for name, package in packages.items()}}
 
 
 def wandb_base_url() -> str:
@@ -311,6 +308,17 @@ def make_wandb_logger(*, run_dir: Path, run_id: str, project: str, group: str | 
         logger = _started(WandbLogger(mode="offline", **kwargs))
     define_step_metrics(logger.experiment)
     return logger
+
+
+def start_wandb_service() -> None:
+    """Import W&B with the modules its first run imports, and start its service, in a process
+    about to fork runs: each forked run finds them loaded and connects to this service (W&B's
+    way for child processes) instead of spending ~1.9 s on them (measured on 2 CPU cores: the
+    import 0.5 s, wandb.sdk.launch, which wandb.init imports, 1.0 s, the service 0.2 s)."""
+    import wandb
+    import wandb.sdk.launch  # noqa: F401
+
+    wandb.setup()
 
 
 def _started(logger):

@@ -38,7 +38,9 @@ from klsweep.progress import StepProgressBar
 from klsweep.records import (
     JsonlLogger,
     RunIdentity,
+    WandbLoggerConfig,
     resume_metrics,
+    start_wandb_service,
     summarize,
     versions,
     wandb_run_id,
@@ -83,6 +85,14 @@ def build_loggers(cfg: DictConfig, run_dir: Path, group: str | None,
                           config=OmegaConf.to_container(cfg, resolve=True))
         loggers.append(instantiate(cfg.logger).build(run))
     return loggers
+
+
+def prepare_to_fork(cfg: DictConfig) -> None:
+    """Load once, in a process about to fork runs (hydra/launcher=klsweep_local), what each
+    run would otherwise load for itself: W&B, and its service, which the forked runs share."""
+    if cfg.logger.get("_target_") is not None and isinstance(instantiate(cfg.logger),
+                                                             WandbLoggerConfig):
+        start_wandb_service()
 
 
 def build_callbacks(cfg: DictConfig, checkpoints: RunCheckpoint) -> list[Callback]:

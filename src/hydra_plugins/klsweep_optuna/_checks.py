@@ -4,6 +4,7 @@ objective names a number that a run's summary holds."""
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -73,7 +74,7 @@ def check_objectives(objectives: Mapping[str, Any], task: str | None = None) -> 
 
 def check_numbers(settings: DictConfig) -> None:
     """The sweeper's own counts and intervals."""
-    for key, minimum, optional in (("n_trials", 1, False), ("n_jobs", 1, False),
+    for key, minimum, optional in (("n_trials", 1, False), ("n_jobs", 1, True),
                                    ("report_every", 1, False), ("max_failures", 1, True),
                                    ("heartbeat_interval", 1, False), ("grace_period", 1, False),
                                    ("max_retry", 0, False)):
@@ -92,17 +93,29 @@ def check_numbers(settings: DictConfig) -> None:
 def check_params(space: SearchSpace, config: DictConfig, config_loader: Any) -> None:
     """Every searched key exists, and the run config composed with the fixed overrides is
     valid at each end of every searched range and at every choice (one key at a time)."""
+    groups = {key for key in space.distributions if _is_group(key, config_loader)}
     for key in space.distributions:
-        _check_key(key, config, config_loader)
-    trials = [[override_string(key, value)] for key, dist in space.distributions.items()
-              for value in corner_values(dist)] or [[]]
-    for searched in trials:
-        _check_run_config([*space.fixed, *searched], config, config_loader)
+        if key not in groups:
+            _check_key(key, config)
+    corners = [(key, value) for key, dist in space.distributions.items()
+               for value in corner_values(dist)]
+    if not corners:
+        _check_run_config(config, space.fixed)
+    for key, value in corners:
+        searched = [*space.fixed, override_string(key, value)]
+        if key in groups:  # another config file: Hydra composes it
+            _check_run_config(_composed(searched, config, config_loader), searched)
+        else:  # a value: set in the config composed with the fixed overrides, as Hydra would
+            run_config = copy.deepcopy(config)
+            OmegaConf.update(run_config, key, value, merge=True)
+            _check_run_config(run_config, searched)
 
 
-def _check_key(key: str, config: DictConfig, config_loader: Any) -> None:
-    if config_loader.get_group_options(key, results_filter=ObjectType.CONFIG):
-        return
+def _is_group(key: str, config_loader: Any) -> bool:
+    return bool(config_loader.get_group_options(key, results_filter=ObjectType.CONFIG))
+
+
+def _check_key(key: str, config: DictConfig) -> None:
     parent, _, leaf = key.rpartition(".")
     node = OmegaConf.select(config, parent) if parent else config
     if isinstance(node, DictConfig) and leaf in node:
@@ -114,14 +127,18 @@ def _check_key(key: str, config: DictConfig, config_loader: Any) -> None:
     raise SweepConfigError(f"searched key {key} is not a known key{where}")
 
 
-def _check_run_config(overrides: Sequence[str], config: DictConfig, config_loader: Any) -> None:
-    from klsweep.config import ConfigError, validate
-
+def _composed(overrides: Sequence[str], config: DictConfig, config_loader: Any) -> DictConfig:
     try:
-        run_config = config_loader.load_sweep_config(master_config=config,
-                                                     sweep_overrides=list(overrides))
+        return config_loader.load_sweep_config(master_config=config,
+                                               sweep_overrides=list(overrides))
     except HydraException as err:
         raise SweepConfigError(f"{' '.join(overrides)}: {str(err).splitlines()[0]}") from None
+
+
+def _check_run_config(run_config: DictConfig, overrides: Sequence[str]) -> None:
+    from klsweep.config import ConfigError, validate
+
+    run_config = copy.copy(run_config)
     with open_dict(run_config):
         del run_config["hydra"]  # the job's runtime fields are filled only when it starts
     try:

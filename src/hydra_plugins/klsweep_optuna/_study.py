@@ -4,6 +4,7 @@ the counts that decide how many more trials to ask for."""
 from __future__ import annotations
 
 import inspect
+import os
 import threading
 import time
 import warnings
@@ -169,6 +170,14 @@ def trial_id(storage: optuna.storages.BaseStorage, study_name: str, number: int)
         storage.get_study_id_from_name(study_name), number)
 
 
+# Held while a heartbeat is written. A fork (klsweep_local starts its jobs so, while the
+# heartbeat thread runs) waits for it: a child must not inherit the database driver's or the
+# connection pool's locks taken mid-write, which nothing in the child would release.
+_RECORDING = threading.Lock()
+os.register_at_fork(before=_RECORDING.acquire, after_in_parent=_RECORDING.release,
+                    after_in_child=_RECORDING.release)
+
+
 class Heartbeat:
     """Records the heartbeat of the given trials every ``interval`` seconds while a batch
     runs, so that another worker can tell them from the trials of a killed one."""
@@ -181,8 +190,9 @@ class Heartbeat:
 
     def _beat(self) -> None:
         while True:
-            for trial_id in self.trial_ids:
-                self.storage.record_heartbeat(trial_id)
+            with _RECORDING:
+                for trial_id in self.trial_ids:
+                    self.storage.record_heartbeat(trial_id)
             if self._stop.wait(self.interval):
                 return
 

@@ -80,6 +80,8 @@ class OptunaSweep:
         check_params(self.space, self.config, self.config_loader)
         self.n_trials = s.n_trials if self.grid is None else min(s.n_trials, len(self.grid))
         self.max_failures = s.max_failures or s.n_trials
+        at_once = getattr(self.launcher, "n_jobs", None)  # klsweep_local's, resolved
+        self.batch_size = s.n_jobs or (at_once if isinstance(at_once, int) and at_once > 0 else 1)
         self.sweep_dir = Path(self.config.hydra.sweep.dir).resolve()
         self.storage_url: StorageURL = study_storage(
             s.storage, sweep_dir=self.sweep_dir,
@@ -136,7 +138,7 @@ class OptunaSweep:
             fail_stale_trials(study)
             if count(study, DONE) >= self.n_trials or self.grid_finished(study):
                 break
-            wanted = min(self.settings.n_jobs, self.n_trials - count(study, CLAIMED))
+            wanted = min(self.batch_size, self.n_trials - count(study, CLAIMED))
             if wanted <= 0:
                 log.info("klsweep: waiting for the trials other workers are running")
                 time.sleep(self.settings.heartbeat_interval)

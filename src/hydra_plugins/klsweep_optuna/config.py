@@ -18,7 +18,9 @@ class KLSweepOptunaConf:
     params: dict[str, Any] = field(default_factory=dict)
     # COMPLETE or PRUNED trials the study ends with (a resumed study counts its old ones)
     n_trials: int = 20
-    n_jobs: int = 1  # trials asked and launched per batch; the launcher runs them (joblib: at once)
+    # trials asked and launched per batch (joblib, klsweep_local and submitit run a batch at
+    # once); null: as many as the launcher runs at once (klsweep_local's n_jobs), else 1
+    n_jobs: int | None = None
     # name: tpe (Optuna's default) | random | nsgaii | gp | cmaes | grid; seed; any other key is
     # passed to the Optuna sampler's constructor
     sampler: dict[str, Any] = field(default_factory=lambda: {"name": "tpe", "seed": None})

@@ -144,6 +144,7 @@ class ExactTask(Task):
         # [X, Y]: the reward the policy optimises, of every completion of every prompt
         self.reward_table = self.gold_table if self.proxy is None else self._proxy_table()
         self.last_evaluation: ExactEvaluation | None = None
+        self._frozen_logp: NDArray[np.float64] | None = None  # see frozen_logprobs
 
     def _shaping(self) -> dict:
         """The settings that shape the language and the gold reward (the proxy's cache key)."""
@@ -253,15 +254,24 @@ class ExactTask(Task):
     def should_evaluate(self, step: int, total_steps: int) -> bool:
         return (step + 1) % self.config.eval_every == 0 or step + 1 == total_steps
 
+    def frozen_logprobs(self, pair: PolicyPair) -> NDArray[np.float64]:
+        """The table of the model that never changes during a run: the reference, or with a
+        moving reference the initial model. Computed at the first evaluation only: it was a
+        quarter of a 40-step trial's time when every evaluation redid it."""
+        if self._frozen_logp is None:
+            frozen = pair.reference if pair.initial is None else pair.initial
+            self._frozen_logp = self.sequence_logprobs(frozen, pair.temperature)
+        return self._frozen_logp
+
     def evaluate(self, pair: PolicyPair, step: int, beta_seq: float) -> dict[str, float]:
-        # the reference's table is recomputed, not cached: one forward, and never stale
-        ref_logp = self.sequence_logprobs(pair.reference, pair.temperature)
+        initial_logp = self.frozen_logprobs(pair)
+        ref_logp = (initial_logp if pair.initial is None
+                    else self.sequence_logprobs(pair.reference, pair.temperature))
         policy_logp = self.sequence_logprobs(pair.policy, pair.temperature)
         metrics = exact_metrics(policy_logp, ref_logp, self.reward_table, beta_seq)
         # the drift from the initial model, which a moving reference no longer is
         metrics["exact/kl_to_init"] = metrics["exact/kl"] if pair.initial is None else float(
-            sequence_kl(policy_logp, self.sequence_logprobs(pair.initial,
-                                                            pair.temperature)).mean())
+            sequence_kl(policy_logp, initial_logp).mean())
         if self.proxy is not None:
             metrics["exact/proxy_reward"] = metrics["exact/reward"]
             metrics["exact/gold_reward"] = float(

@@ -1,0 +1,60 @@
+"""The Launcher that Hydra instantiates for ``hydra/launcher: klsweep_local``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra.core.utils import JobReturn, configure_log, filter_overrides, setup_globals
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+class KLSweepLocalLauncher(Launcher):
+    """Runs each job in a process forked from this one, ``n_jobs`` at a time.
+
+    A fork starts a job with everything this process has imported (torch, Lightning, the
+    task): a trial begins training at once, where a fresh interpreter (joblib's workers,
+    submitit) spends seconds importing. Each job still gets a process of its own, so one
+    job's globals, signal handlers and crashes never reach another."""
+
+    def __init__(self, n_jobs: int | None = None) -> None:
+        self.requested_jobs = n_jobs
+        self.n_jobs = 1
+        self.config: DictConfig | None = None
+        self.hydra_context: HydraContext | None = None
+        self.task_function: TaskFunction | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
+              config: DictConfig) -> None:
+        from hydra_plugins.klsweep_local._forked import default_jobs
+
+        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+        if self.requested_jobs is not None and self.requested_jobs < 1:
+            from hydra_plugins.klsweep_local._forked import LauncherConfigError
+
+            raise LauncherConfigError(f"hydra.launcher.n_jobs must be a whole number ≥ 1 or "
+                                      f"null (got {self.requested_jobs})")
+        self.n_jobs = self.requested_jobs or default_jobs(config)
+
+    def launch(self, job_overrides: Sequence[Sequence[str]],
+               initial_job_idx: int) -> Sequence[JobReturn]:
+        from hydra_plugins.klsweep_local._forked import run_forked
+
+        assert self.config is not None and self.hydra_context is not None
+        assert self.task_function is not None
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        at_once = min(self.n_jobs, len(job_overrides))
+        log.info(f"Launching {len(job_overrides)} jobs, {at_once} at a time, each in a forked "
+                 f"process")
+        for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
+            log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+        return run_forked(job_overrides, initial_job_idx, n_jobs=self.n_jobs,
+                          hydra_context=self.hydra_context, task_function=self.task_function,
+                          config=self.config)

@@ -1,0 +1,139 @@
+"""klsweep's launcher (hydra/launcher=klsweep_local, every multirun's default): each job in a
+process forked from the sweep's, ``n_jobs`` at once, its JobReturn sent back; a job that dies
+fails with how it died; SIGTERM reaches the running jobs and starts no others."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hydra import initialize_config_dir
+from hydra._internal.callbacks import Callbacks
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.utils import JobStatus
+from hydra.types import HydraContext, RunMode
+from omegaconf import DictConfig
+
+from hydra_plugins.klsweep_local.klsweep_local_launcher import KLSweepLocalLauncher
+from klsweep.config import CONF_DIR
+
+RENDEZVOUS_S = 60  # how long a job waits for the others to start with it before it gives up
+
+
+@pytest.fixture
+def launcher_for(tmp_path: Path) -> Iterator[Callable[..., KLSweepLocalLauncher]]:
+    """A set-up launcher whose jobs run ``task`` on the composed multirun config."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+
+        def make(task: Callable[[DictConfig], Any], n_jobs: int) -> KLSweepLocalLauncher:
+            config = loader.load_configuration(
+                "config", overrides=["logger=none", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                run_mode=RunMode.MULTIRUN)
+            launcher = KLSweepLocalLauncher(n_jobs=n_jobs)
+            context = HydraContext(config_loader=loader, callbacks=Callbacks(config))
+            launcher.setup(hydra_context=context, task_function=task, config=config)
+            return launcher
+        yield make
+
+
+def jobs(n: int) -> list[list[str]]:
+    return [[f"seed={i}"] for i in range(n)]
+
+
+def started(cfg: DictConfig, rendezvous: Path) -> None:
+    """Mark this job started, then wait until two jobs have: only jobs running at once get
+    past it (a lone job times out)."""
+    (rendezvous / f"{cfg.seed}").touch()
+    deadline = time.monotonic() + RENDEZVOUS_S
+    while len(list(rendezvous.iterdir())) < 2:
+        assert time.monotonic() < deadline, "no second job ran at the same time"
+        time.sleep(0.01)
+
+
+def test_jobs_run_in_forked_processes_n_at_once_and_return_in_order(launcher_for, tmp_path):
+    rendezvous = tmp_path / "started"
+    rendezvous.mkdir()
+
+    def task(cfg: DictConfig) -> dict[str, Any]:
+        if cfg.seed < 2:  # the first two meet; the third starts when one of them ends
+            started(cfg, rendezvous)
+        return {"seed": cfg.seed, "pid": os.getpid()}
+
+    results = launcher_for(task, n_jobs=2).launch(jobs(3), initial_job_idx=0)
+
+    assert [r.status for r in results] == [JobStatus.COMPLETED] * 3
+    assert [r.return_value["seed"] for r in results] == [0, 1, 2]
+    pids = {r.return_value["pid"] for r in results}
+    assert len(pids) == 3 and os.getpid() not in pids  # a fresh process for every job
+    assert [r.hydra_cfg.hydra.job.num for r in results] == [0, 1, 2]
+    assert [Path(r.hydra_cfg.hydra.runtime.output_dir) for r in results] == [
+        tmp_path / "sweep" / str(i) for i in range(3)]  # one dir per job
+
+
+def test_n_jobs_null_runs_one_job_per_usable_core_by_the_runs_threads(launcher_for):
+    launcher = launcher_for(lambda cfg: None, n_jobs=None)
+    assert launcher.n_jobs == max(1, len(os.sched_getaffinity(0)))  # threads: 1
+
+
+def test_a_job_whose_process_dies_fails_with_how_it_died_and_the_others_complete(
+        launcher_for):
+    def task(cfg: DictConfig) -> int:
+        if cfg.seed == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return cfg.seed
+
+    results = launcher_for(task, n_jobs=2).launch(jobs(3), initial_job_idx=0)
+
+    assert [r.status for r in results] == [JobStatus.COMPLETED, JobStatus.FAILED,
+                                           JobStatus.COMPLETED]
+    assert str(results[1]._return_value) == ("the job's process died (killed by SIGKILL) "
+                                             "before it returned")
+    assert (results[0].return_value, results[2].return_value) == (0, 2)
+
+
+def test_a_job_that_raises_returns_its_error_as_hydra_does(launcher_for):
+    def task(cfg: DictConfig) -> None:
+        raise ValueError(f"bad seed {cfg.seed}")
+
+    (result,) = launcher_for(task, n_jobs=1).launch(jobs(1), initial_job_idx=0)
+    assert result.status == JobStatus.FAILED
+    assert isinstance(result._return_value, ValueError)
+    assert str(result._return_value) == "bad seed 0"
+
+
+def test_sigterm_reaches_the_running_jobs_and_starts_no_other(launcher_for, tmp_path):
+    rendezvous = tmp_path / "started"
+    rendezvous.mkdir()
+
+    def task(cfg: DictConfig) -> str:
+        got: list[int] = []
+        signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+        started(cfg, rendezvous)
+        deadline = time.monotonic() + RENDEZVOUS_S
+        while not got:
+            assert time.monotonic() < deadline, "SIGTERM never came"
+            time.sleep(0.01)
+        return "stopped by SIGTERM"
+
+    def terminate_once_both_started() -> None:
+        deadline = time.monotonic() + RENDEZVOUS_S
+        while len(list(rendezvous.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)  # to the launcher, as a scheduler sends it
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=terminate_once_both_started, daemon=True).start()
+    results = launcher_for(task, n_jobs=2).launch(jobs(3), initial_job_idx=0)
+
+    assert [r.return_value for r in results[:2]] == ["stopped by SIGTERM"] * 2
+    assert results[2].status == JobStatus.FAILED
+    assert getattr(results[2]._return_value, "status", None) == "interrupted"  # queued again
+    assert str(results[2]._return_value).startswith("not started: the sweep got SIGTERM")
+    assert signal.getsignal(signal.SIGTERM) is before  # the launcher's handler is gone
