@@ -164,7 +164,7 @@ def test_a_repeated_cache_shares_its_prefill_and_keeps_the_original(checkpoints,
     with torch.no_grad():
         cache = policy.new_cache(3, PROMPT_LEN + 1)
         policy(prompts, prompt_mask, cache)
-        got = policy(next_tokens, step_mask, cache.repeat_interleave(3))
+        got = policy(next_tokens, step_mask, cache.repeat_interleave(3, PROMPT_LEN + 1))
         want = policy(torch.cat([prompts.repeat_interleave(3, 0), next_tokens], 1), step_mask)
     torch.testing.assert_close(got[:, -1], want[:, -1], rtol=0, atol=1e-5)
     assert cache.inner.get_seq_length() == PROMPT_LEN

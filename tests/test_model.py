@@ -28,9 +28,9 @@ def test_cached_decoding_equals_uncached_decoding():
 def test_shared_prefill_equals_one_prefill_per_row():
     model = _model(1)
     prompts = torch.randint(0, 11, (2, 4))
-    cache = model.new_cache(2, 6)
+    cache = model.new_cache(2, 4)  # room for the prompt: the shared copy gets room for more
     model(prompts, cache=cache)
-    shared = cache.repeat_interleave(3)
+    shared = cache.repeat_interleave(3, 6)
     next_tokens = torch.randint(0, 11, (6, 1))
     got = model(next_tokens, cache=shared)
     want = model(torch.cat([prompts.repeat_interleave(3, 0), next_tokens], 1))[:, -1:]

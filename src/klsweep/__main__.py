@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,9 @@ def main() -> None:
         except ConfigError as err:
             print(f"klsweep: error: {err}", file=sys.stderr)
             sys.exit(2)
+    # Everything imported lives until the process ends: frozen, it is left out of every
+    # collection (a full one scans ~340k objects, 0.1 s) and out of the one at exit (0.5 s)
+    gc.freeze()
     hydra_main()
 
 

@@ -112,9 +112,9 @@ def generate(model: CausalLM, prompts: Prompts, *, n_per_prompt: int, max_new_to
     n_prompts, prompt_len = prompts.tokens.shape
     batch = n_prompts * n_per_prompt
     padded = prompts.padded
-    cache = model.new_cache(n_prompts, prompt_len + max_new_tokens)
+    cache = model.new_cache(n_prompts, prompt_len)
     logits = model(prompts.tokens, prompts.mask if padded else None, cache, last_only=True)[:, -1]
-    cache = cache.repeat_interleave(n_per_prompt)
+    cache = cache.repeat_interleave(n_per_prompt, prompt_len + max_new_tokens)
     logits = logits.repeat_interleave(n_per_prompt, dim=0)
     prompt_mask = prompts.mask.repeat_interleave(n_per_prompt, dim=0)
 

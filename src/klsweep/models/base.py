@@ -22,9 +22,10 @@ def padded_positions(attention_mask: Tensor, length: int) -> Tensor:
 class Cache(Protocol):
     """Keys and values of the sequences decoded so far."""
 
-    def repeat_interleave(self, repeats: int) -> Cache:
+    def repeat_interleave(self, repeats: int, max_len: int) -> Cache:
         """The cache of each sequence copied ``repeats`` times (one prompt's prefill shared
-        by its group of completions)."""
+        by its group of completions), with room for ``max_len`` tokens. A prefill's cache
+        then needs room for the prompt only: the copy is the one that decoding fills."""
         ...
 
 

@@ -31,7 +31,8 @@ class HFCache:
     def __init__(self, inner: DynamicCache) -> None:
         self.inner = inner
 
-    def repeat_interleave(self, repeats: int) -> HFCache:
+    def repeat_interleave(self, repeats: int, max_len: int) -> HFCache:
+        # a DynamicCache grows as it is filled: max_len is unused
         # batch_repeat_interleave rebinds each layer's tensors in place: repeat a copy whose
         # layers are copies, so that this cache keeps its own batch
         new = copy.copy(self.inner)
@@ -110,7 +111,7 @@ class HFCausalLM(nn.Module):
         last = self._output(tokens[::group_size, :prompt_len], prompt_mask, cache, keep=1).logits
         rest_mask = None if attention_mask is None else attention_mask[:, :-1]
         rest = self._output(tokens[:, prompt_len:-1], rest_mask,
-                            cache.repeat_interleave(group_size), keep=0).logits
+                            cache.repeat_interleave(group_size, tokens.shape[1]), keep=0).logits
         return torch.cat([last.repeat_interleave(group_size, dim=0), rest], dim=1)
 
     def completion_hidden(self, tokens: Tensor, attention_mask: Tensor | None,

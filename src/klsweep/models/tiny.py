@@ -57,12 +57,18 @@ class KVCache:
         self.values[layer][:, :, self.length:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
-    def repeat_interleave(self, repeats: int) -> KVCache:
+    def repeat_interleave(self, repeats: int, max_len: int) -> KVCache:
         """The cache of each sequence copied ``repeats`` times (a prompt's prefill shared by
-        its group of completions)."""
+        its group of completions), with room for ``max_len`` tokens."""
         new = object.__new__(KVCache)
-        new.keys = [k.repeat_interleave(repeats, dim=0) for k in self.keys]
-        new.values = [v.repeat_interleave(repeats, dim=0) for v in self.values]
+        new.keys, new.values = [], []
+        for mine, theirs in ((self.keys, new.keys), (self.values, new.values)):
+            for layer in mine:
+                B, H, _, D = layer.shape
+                copied = layer.new_empty(B * repeats, H, max_len, D)
+                copied[:, :, :self.length] = layer[:, :, :self.length].repeat_interleave(
+                    repeats, dim=0)
+                theirs.append(copied)
         new.length = self.length
         return new
 
