@@ -156,17 +156,20 @@ class PolicyPair:
         finally:
             self.policy.train(was_training)
 
-    def sample_reference(self, prompts: Prompts, n_per_prompt: int) -> Rollout:
+    def sample_reference(self, prompts: Prompts, n_per_prompt: int,
+                         max_rows: int | None = None) -> Rollout:
         """Completions from π_ref as the run began (an offline preference data set): with a
-        moving reference, the initial model, so that a resumed run draws the same set."""
+        moving reference, the initial model, so that a resumed run draws the same set.
+        ``max_rows``: decode at most that many rows at a time, with the same tokens."""
         start = self.reference if self.initial is None else self.initial
         start.eval()
-        return self._generate(start, prompts, n_per_prompt)
+        return self._generate(start, prompts, n_per_prompt, max_rows)
 
-    def _generate(self, model: nn.Module, prompts: Prompts, n_per_prompt: int) -> Rollout:
+    def _generate(self, model: nn.Module, prompts: Prompts, n_per_prompt: int,
+                  max_rows: int | None = None) -> Rollout:
         return generate(model, prompts, n_per_prompt=n_per_prompt,
                         max_new_tokens=self.max_new_tokens, eos_id=self.eos_id,
-                        temperature=self.temperature)
+                        temperature=self.temperature, max_rows=max_rows)
 
     # --- scoring -----------------------------------------------------------------------------
     @torch.no_grad()

@@ -36,6 +36,13 @@ class Prompts:
         return Prompts(self.tokens.to(device), self.mask.to(device),
                        None if self.index is None else self.index.to(device))
 
+    def __getitem__(self, rows: slice) -> Prompts:
+        return Prompts(self.tokens[rows], self.mask[rows],
+                       None if self.index is None else self.index[rows])
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
 
 @dataclass
 class Rollout:
@@ -100,15 +107,35 @@ class Rollout:
                        prompt_index=None if any(i is None for i in index) else torch.cat(index))
 
 
+# Decoding in chunks draws every step's random numbers first: max_new_tokens × vocab of them a
+# row. At a small vocabulary that is a fraction of the row's KV cache that chunks save (1/24 at
+# the benchmark's shape); at a large one it is more than the cache, and one batch is decoded.
+_CHUNKED_NOISE_PER_ROW = 1 << 16
+
+
 @torch.no_grad()
 def generate(model: CausalLM, prompts: Prompts, *, n_per_prompt: int, max_new_tokens: int,
-             eos_id: int, temperature: float = 1.0) -> Rollout:
+             eos_id: int, temperature: float = 1.0, max_rows: int | None = None) -> Rollout:
     """Sample ``n_per_prompt`` completions of each prompt (rows grouped by prompt).
 
     The prompts are prefilled once and their cache shared by their group; each decoding step
     is one batched forward of one token. Finished rows keep emitting EOS (masked out), and
-    sampling stops when every row is finished.
+    sampling stops when every row is finished. With ``max_rows``, a larger batch of unpadded
+    prompts is decoded that many rows at a time with the same tokens (``_generate_in_chunks``).
     """
+    if (max_rows is not None and len(prompts) * n_per_prompt > max_rows and not prompts.padded
+            and max_new_tokens * model.vocab_size <= _CHUNKED_NOISE_PER_ROW):
+        return _generate_in_chunks(model, prompts, n_per_prompt=n_per_prompt,
+                                   max_new_tokens=max_new_tokens, eos_id=eos_id,
+                                   temperature=temperature, max_rows=max_rows)
+    return _generate(model, prompts, n_per_prompt=n_per_prompt, max_new_tokens=max_new_tokens,
+                     eos_id=eos_id, temperature=temperature)
+
+
+def _generate(model: CausalLM, prompts: Prompts, *, n_per_prompt: int, max_new_tokens: int,
+              eos_id: int, temperature: float, noise: list[Tensor] | None = None) -> Rollout:
+    """``generate`` in one batch; ``noise``: each step's random numbers, [B, vocab] ~ Exp(1),
+    drawn by the caller (None: drawn here, by torch.multinomial)."""
     n_prompts, prompt_len = prompts.tokens.shape
     batch = n_prompts * n_per_prompt
     padded = prompts.padded
@@ -126,7 +153,8 @@ def generate(model: CausalLM, prompts: Prompts, *, n_per_prompt: int, max_new_to
     attention = (torch.cat([prompt_mask, torch.ones_like(mask)], dim=1) if padded else None)
     for t in range(max_new_tokens):
         logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
-        token = torch.multinomial(logp_all.exp(), 1).squeeze(1)
+        token = (torch.multinomial(logp_all.exp(), 1).squeeze(1) if noise is None
+                 else exponential_race(logp_all.exp(), noise[t]))
         token = torch.where(alive, token, eos_id)
         new_tokens[:, t] = token
         old_logp[:, t] = logp_all.gather(1, token[:, None]).squeeze(1)
@@ -142,6 +170,54 @@ def generate(model: CausalLM, prompts: Prompts, *, n_per_prompt: int, max_new_to
              else prompts.index.repeat_interleave(n_per_prompt, dim=0))
     return Rollout(tokens=tokens, prompt_mask=prompt_mask, mask=mask, old_logp=old_logp,
                    group_size=n_per_prompt, prompt_index=index)
+
+
+def exponential_race(probs: Tensor, noise: Tensor) -> Tensor:
+    """One token per row of ``probs`` [B, V]: argmax of probs / q for q ~ Exp(1), the draw
+    torch.multinomial(probs, 1) makes (it fills q from the generator, then takes this argmax),
+    here with the caller's q: the same numbers give the same tokens."""
+    if not bool(torch.isfinite(probs).all()) or bool((probs < 0).any()):
+        raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+    return torch.argmax(probs / noise, dim=-1)
+
+
+def _generate_in_chunks(model: CausalLM, prompts: Prompts, *, n_per_prompt: int,
+                        max_new_tokens: int, eos_id: int, temperature: float,
+                        max_rows: int) -> Rollout:
+    """``generate`` over whole prompts, ``max_rows`` rows at a time (the KV cache of that many
+    rows, not of the batch), each row drawing the random numbers it would have drawn in one
+    batch: every step's are drawn first, for the whole batch in the order one batch draws
+    them, and the generator is left where one batch leaves it. Chunked or not, the tokens
+    are the same (a row's logits do not depend on the rows beside it: tests/test_rollout.py)."""
+    device, batch = prompts.tokens.device, len(prompts) * n_per_prompt
+    state = _rng_state(device)
+    noise = [torch.empty(batch, model.vocab_size, device=device).exponential_(1)
+             for _ in range(max_new_tokens)]
+    per_chunk = max(1, max_rows // n_per_prompt)
+    parts = []
+    for start in range(0, len(prompts), per_chunk):
+        rows = slice(start * n_per_prompt, (start + per_chunk) * n_per_prompt)
+        parts.append(_generate(model, prompts[start:start + per_chunk],
+                               n_per_prompt=n_per_prompt, max_new_tokens=max_new_tokens,
+                               eos_id=eos_id, temperature=temperature,
+                               noise=[q[rows] for q in noise]))
+    # one batch draws until its last row has ended: as many steps as its longest completion
+    drawn = max(int(part.mask.sum(1).max()) for part in parts)
+    _set_rng_state(device, state)
+    for _ in range(drawn):
+        torch.empty(batch, model.vocab_size, device=device).exponential_(1)
+    return Rollout.cat(parts)
+
+
+def _rng_state(device: torch.device) -> Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state: Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
 
 
 def completion_logits(model: CausalLM, rollout: Rollout, temperature: float = 1.0) -> Tensor:
