@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -137,3 +139,14 @@ def test_sigterm_reaches_the_running_jobs_and_starts_no_other(launcher_for, tmp_
     assert getattr(results[2]._return_value, "status", None) == "interrupted"  # queued again
     assert str(results[2]._return_value).startswith("not started: the sweep got SIGTERM")
     assert signal.getsignal(signal.SIGTERM) is before  # the launcher's handler is gone
+
+
+def test_a_bad_n_jobs_fails_in_one_line_before_any_job(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "klsweep", "-m", "seed=0,1", "logger=none",
+         "hydra.launcher.n_jobs=0", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("klsweep: error: hydra.launcher.n_jobs must be a whole "
+                                     "number ≥ 1 or null (got 0)")
+    assert not (tmp_path / "sweep").exists()

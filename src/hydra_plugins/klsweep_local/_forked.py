@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import logging
 import multiprocessing
 import os
 import pickle
@@ -26,7 +25,6 @@ from omegaconf import DictConfig, open_dict
 from klsweep.errors import RunInterrupted
 from klsweep.train import prepare_to_fork
 
-log = logging.getLogger(__name__)
 # POSIX fork: the job starts from this process's memory, imports done (not available on Windows)
 _FORK = multiprocessing.get_context("fork")
 

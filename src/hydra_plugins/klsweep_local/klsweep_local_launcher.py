@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,11 +35,13 @@ class KLSweepLocalLauncher(Launcher):
         from hydra_plugins.klsweep_local._forked import default_jobs
 
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
-        if self.requested_jobs is not None and self.requested_jobs < 1:
-            from hydra_plugins.klsweep_local._forked import LauncherConfigError
-
-            raise LauncherConfigError(f"hydra.launcher.n_jobs must be a whole number ≥ 1 or "
-                                      f"null (got {self.requested_jobs})")
+        if self.requested_jobs is not None and (isinstance(self.requested_jobs, bool) or
+                                                not isinstance(self.requested_jobs, int) or
+                                                self.requested_jobs < 1):
+            # one line, before any job, as klsweep's other checks print it
+            print(f"klsweep: error: hydra.launcher.n_jobs must be a whole number ≥ 1 or null "
+                  f"(got {self.requested_jobs!r})", file=sys.stderr)
+            sys.exit(2)
         self.n_jobs = self.requested_jobs or default_jobs(config)
 
     def launch(self, job_overrides: Sequence[Sequence[str]],
