@@ -61,14 +61,8 @@ def _gpu_count() -> int:
     return torch.cuda.device_count()
 
 
-def run_forked(job_overrides: Sequence[Sequence[str]], initial_job_idx: int, *, n_jobs: int,
-               hydra_context: HydraContext, task_function: TaskFunction,
-               config: DictConfig) -> list[JobReturn]:
-    """Run every job, ``n_jobs`` at once; the results in the jobs' order.
-
-    SIGTERM sent to this process is passed on to the running jobs (each stops after its step
-    with a checkpoint, as a run does); Ctrl-C reaches them from the terminal by itself. After
-    either, no further job starts: those return as interrupted, for the sweep to run again."""
+def prepare_parent(config: DictConfig) -> None:
+    """Once, before the first fork: load what every job would load for itself, and freeze it."""
     import torch
 
     if torch.cuda.is_initialized():  # a forked child cannot use CUDA after its parent did
@@ -80,6 +74,16 @@ def run_forked(job_overrides: Sequence[Sequence[str]], initial_job_idx: int, *, 
     # children's collections skip it and leave its pages shared (and exit skips the 0.5 s
     # collection of everything imported)
     gc.freeze()
+
+
+def run_forked(job_overrides: Sequence[Sequence[str]], initial_job_idx: int, *, n_jobs: int,
+               hydra_context: HydraContext, task_function: TaskFunction,
+               config: DictConfig) -> list[JobReturn]:
+    """Run every job, ``n_jobs`` at once; the results in the jobs' order.
+
+    SIGTERM sent to this process is passed on to the running jobs (each stops after its step
+    with a checkpoint, as a run does); Ctrl-C reaches them from the terminal by itself. After
+    either, no further job starts: those return as interrupted, for the sweep to run again."""
     pending = deque(enumerate(job_overrides, start=initial_job_idx))
     running: dict[Connection, tuple[int, Sequence[str], Any]] = {}
     results: dict[int, JobReturn] = {}

@@ -26,6 +26,7 @@ class KLSweepLocalLauncher(Launcher):
     def __init__(self, n_jobs: int | None = None) -> None:
         self.requested_jobs = n_jobs
         self.n_jobs = 1
+        self.prepared = False  # prepare_parent ran: once, not per batch of the sweep
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
@@ -46,7 +47,7 @@ class KLSweepLocalLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]],
                initial_job_idx: int) -> Sequence[JobReturn]:
-        from hydra_plugins.klsweep_local._forked import run_forked
+        from hydra_plugins.klsweep_local._forked import prepare_parent, run_forked
 
         assert self.config is not None and self.hydra_context is not None
         assert self.task_function is not None
@@ -58,6 +59,9 @@ class KLSweepLocalLauncher(Launcher):
                  f"process")
         for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
             log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+        if not self.prepared:
+            prepare_parent(self.config)
+            self.prepared = True
         return run_forked(job_overrides, initial_job_idx, n_jobs=self.n_jobs,
                           hydra_context=self.hydra_context, task_function=self.task_function,
                           config=self.config)
