@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from hydra_plugins.klsweep_local.klsweep_local_launcher import KLSweepLocalLauncher
 from klsweep.config import CONF_DIR
 
-RENDEZVOUS_S = 60  # how long a job waits for the others to start with it before it gives up
+RENDEZVOUS_S = 60  # seconds a job (or the test) waits for what must happen before it gives up
 
 
 @pytest.fixture
@@ -150,3 +150,27 @@ def test_a_bad_n_jobs_fails_in_one_line_before_any_job(tmp_path):
     assert result.stderr.strip() == ("klsweep: error: hydra.launcher.n_jobs must be a whole "
                                      "number ≥ 1 or null (got 0)")
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_stop_between_two_jobs_returns_the_rest_as_not_started(launcher_for):
+    # one job at a time: the first asks for the stop and ends, so no job is running when the
+    # launcher finds the rest must not start (it then waited on nothing, for ever)
+    def task(cfg: DictConfig) -> int:
+        if cfg.seed == 0:  # the SIGTERM passed back to it is ignored: a run stops after a step
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            os.kill(os.getppid(), signal.SIGTERM)
+        return cfg.seed
+
+    def hung(signum: int, frame: Any) -> None:
+        raise TimeoutError("the launcher waits on no running job")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(RENDEZVOUS_S)  # a failure, not a suite that never ends
+    try:
+        results = launcher_for(task, n_jobs=1).launch(jobs(3), initial_job_idx=0)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+    assert results[0].return_value == 0
+    assert [getattr(r._return_value, "status", None) for r in results[1:]] == ["interrupted"] * 2

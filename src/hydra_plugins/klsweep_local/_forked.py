@@ -101,6 +101,8 @@ def run_forked(job_overrides: Sequence[Sequence[str]], initial_job_idx: int, *, 
                 for idx, overrides in pending:
                     results[idx] = _not_started(overrides, stopped[0])
                 pending.clear()
+            if not running:  # wait() on nothing would block for ever
+                break
             for reader in wait(list(running)):
                 idx, overrides, process = running.pop(reader)
                 results[idx] = _receive(reader, process, overrides)
