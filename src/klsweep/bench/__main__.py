@@ -1,0 +1,5 @@
+import sys
+
+from klsweep.bench.cli import main
+
+sys.exit(main())
