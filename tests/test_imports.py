@@ -1,0 +1,75 @@
+"""The import structure: klsweep's modules import one another without a circle, measured from
+the code's own ``import`` statements (those inside functions too: a lazy import hides a
+circle, it does not remove it)."""
+
+from __future__ import annotations
+
+import ast
+import graphlib
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PACKAGES = ("klsweep", "hydra_plugins")
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(SRC).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported(node: ast.Import | ast.ImportFrom, module: str, is_package: bool,
+              modules: set[str]) -> set[str]:
+    """The project's modules an import statement names (``from a import b`` names the
+    module ``a.b`` where there is one, else ``a``)."""
+    if isinstance(node, ast.Import):
+        return {alias.name for alias in node.names} & modules
+    package = module if is_package else module.rpartition(".")[0]
+    for _ in range(node.level - 1):
+        package = package.rpartition(".")[0]
+    base = ".".join(p for p in (package if node.level else "", node.module or "") if p)
+    named = {f"{base}.{alias.name}" for alias in node.names} & modules
+    return named or ({base} & modules)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Each module of ``PACKAGES`` under src/ → the project's modules it imports."""
+    files = {_module_name(p): p for package in PACKAGES for p in (SRC / package).rglob("*.py")}
+    graph = {}
+    for module, path in files.items():
+        is_package = path.name == "__init__.py"
+        graph[module] = set().union(*(
+            _imported(node, module, is_package, set(files))
+            for node in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(node, ast.Import | ast.ImportFrom))) - {module}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    try:
+        tuple(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as error:
+        return error.args[1]
+    return None
+
+
+def test_the_graph_sees_imports_of_every_form():
+    graph = import_graph()
+    assert "klsweep.algos.dpo" in graph["klsweep.algos"]  # a package's __init__
+    assert "klsweep.preferences" in graph["klsweep.tasks.proxy"]  # from a module, its names
+    assert "klsweep.kl" in graph["klsweep.algos.dpo"]  # from a package, its own names
+    assert "klsweep.report.cli" in graph["klsweep.report.__main__"]
+
+
+def test_a_circle_is_found_when_there_is_one():
+    graph = import_graph()
+    graph["klsweep.preferences"] = graph["klsweep.preferences"] | {"klsweep.algos.dpo"}
+    cycle = _cycle(graph)
+    assert cycle is not None and "klsweep.preferences" in cycle
+
+
+def test_no_module_of_klsweep_imports_itself_back_through_others():
+    cycle = _cycle(import_graph())
+    if cycle is not None:
+        pytest.fail("import circle: " + " -> ".join(cycle))
