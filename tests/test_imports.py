@@ -1,6 +1,7 @@
 """The import structure: klsweep's modules import one another without a circle, measured from
 the code's own ``import`` statements (those inside functions too: a lazy import hides a
-circle, it does not remove it)."""
+circle, it does not remove it), with the packages' ``__init__`` that Python runs on the way
+to a module."""
 
 from __future__ import annotations
 
@@ -33,16 +34,26 @@ def _imported(node: ast.Import | ast.ImportFrom, module: str, is_package: bool,
     return named or ({base} & modules)
 
 
+def _packages_on_the_way(target: str, module: str) -> set[str]:
+    """The packages Python initialises to import ``target`` from ``module``: its ancestors,
+    but for those ``module`` is inside (already being initialised)."""
+    parts = target.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts))
+            if not f"{module}.".startswith(".".join(parts[:i]) + ".")}
+
+
 def import_graph() -> dict[str, set[str]]:
     """Each module of ``PACKAGES`` under src/ → the project's modules it imports."""
     files = {_module_name(p): p for package in PACKAGES for p in (SRC / package).rglob("*.py")}
     graph = {}
     for module, path in files.items():
         is_package = path.name == "__init__.py"
-        graph[module] = set().union(*(
+        imported = set().union(*(
             _imported(node, module, is_package, set(files))
             for node in ast.walk(ast.parse(path.read_text(), str(path)))
-            if isinstance(node, ast.Import | ast.ImportFrom))) - {module}
+            if isinstance(node, ast.Import | ast.ImportFrom)))
+        on_the_way = set().union(*(_packages_on_the_way(t, module) for t in imported))
+        graph[module] = (imported | on_the_way) & set(files) - {module}
     return graph
 
 
@@ -60,6 +71,8 @@ def test_the_graph_sees_imports_of_every_form():
     assert "klsweep.preferences" in graph["klsweep.tasks.proxy"]  # from a module, its names
     assert "klsweep.kl" in graph["klsweep.algos.dpo"]  # from a package, its own names
     assert "klsweep.report.cli" in graph["klsweep.report.__main__"]
+    assert "klsweep.models" in graph["klsweep.tasks.base"]  # models/__init__ runs first
+    assert "klsweep.tasks" not in graph["klsweep.tasks.digits"]  # its own, already running
 
 
 def test_a_circle_is_found_when_there_is_one():
