@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import ast
 import graphlib
+import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,3 +90,45 @@ def test_no_module_of_klsweep_imports_itself_back_through_others():
     cycle = _cycle(import_graph())
     if cycle is not None:
         pytest.fail("import circle: " + " -> ".join(cycle))
+
+
+NOTEBOOK_IMPORTS = ["klsweep", "klsweep.train", "klsweep.config", "klsweep.module",
+                    "klsweep.algos", "klsweep.tasks", "klsweep.models", "klsweep.kl",
+                    "klsweep.policy", "klsweep.report", "klsweep.bench.run"]
+# run in a fresh interpreter: the import finders each import adds to sys.meta_path (by the
+# module that defines them), and what torchmetrics (imported by Lightning) believes installed
+_PROBE = """
+import importlib, json, sys
+added = {}
+for name in sys.argv[1:]:
+    before = list(sys.meta_path)
+    importlib.import_module(name)
+    added[name] = [type(f).__module__ for f in sys.meta_path if f not in before]
+from torchmetrics.utilities import imports
+print(json.dumps({"added": added, "matplotlib_seen": bool(imports._MATPLOTLIB_AVAILABLE)}))
+"""
+
+
+def _probe(*modules: str) -> dict:
+    result = subprocess.run([sys.executable, "-c", _PROBE, *modules], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                    reason="matplotlib is not installed, so torchmetrics cannot see it")
+def test_importing_klsweep_changes_nothing_of_how_its_user_imports():
+    probe = _probe(*NOTEBOOK_IMPORTS)
+    assert probe["added"]["klsweep"] == []  # sys.meta_path as it was
+    # the packages klsweep imports may add their own finders (six, transformers); klsweep none
+    assert not [(name, finder) for name, finders in probe["added"].items()
+                for finder in finders if finder.startswith("klsweep")]
+    assert probe["matplotlib_seen"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                    reason="matplotlib is not installed, so torchmetrics cannot see it")
+def test_the_command_lines_own_process_skips_torchmetrics_optional_imports():
+    # what `python -m klsweep` imports before it runs (`python -m klsweep.bench` alike)
+    assert _probe("klsweep.__main__", "klsweep.train")["matplotlib_seen"] is False
