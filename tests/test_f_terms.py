@@ -105,7 +105,7 @@ def test_loss_term_expected_gradient_on_policy_is_the_divergence_gradient(
     torch.testing.assert_close(_grad(tree, (weight * term.sum(1)).sum()), want,
                                rtol=1e-9, atol=1e-12)
     # and its value is the divergence's estimate: its mean is D
-    assert float((weight * term.detach().sum(1)).sum()) == pytest.approx(float(exact),
+    assert float((weight * term.detach().sum(1)).sum()) == pytest.approx(float(exact.detach()),
                                                                          rel=1e-9)
 
 
