@@ -93,7 +93,8 @@ def test_the_hf_path_reaches_the_closed_form_optimum_on_the_exact_task(algo, ove
                                                                        tmp_path):
     """The exact task's done-when configurations (README), on a Llama built by the task."""
     summary, _ = run_and_read(tmp_path, "task=exact", "model=hf", "model.arch=llama",
-                              f"algo={algo}", "schedule=fixed", "kl.beta=0.1", *overrides)
+                              f"algo={algo}", "schedule=fixed", "kl.beta=0.1", "steps=200",
+                              *overrides)
     assert summary["status"] == "completed"
     assert summary["exact/improvement_left_final"] <= 0.05
 

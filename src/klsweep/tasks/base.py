@@ -25,6 +25,8 @@ class SyntheticTaskConfig:
     """The fields of every synthetic task (digits, exact): its reference is trained on its
     own language, and the policy may optimise a proxy of its reward."""
 
+    steps: int = spec(kind="integer", ge=1,
+                      help="policy updates a run of this task takes by default (the run's steps)")
     reference_steps: int = spec(kind="integer", ge=1, help="reference training steps")
     reference_batch_size: int = spec(kind="integer", ge=1, help="reference training batch")
     reference_lr: float = spec(kind="number", gt=0, help="reference training learning rate")

@@ -39,6 +39,8 @@ class TextConfig:
     the schema that validates it."""
 
     name: str = spec(kind="choice", choices=("text",), help="the task")
+    steps: int = spec(kind="integer", ge=1,
+                      help="policy updates a run of this task takes by default (the run's steps)")
     prompts: str | None = spec(kind="string", optional=True, help=(
         "local prompt file (.jsonl/.json/.csv/.parquet/.txt) or save_to_disk directory"))
     dataset: str | None = spec(kind="string", optional=True, help=(
