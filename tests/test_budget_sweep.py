@@ -4,22 +4,31 @@ stand-in launcher of test_sweeper_loop, whose trials return the summaries a scri
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pytest
 import yaml
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.types import HydraContext, RunMode
 from hydra.utils import instantiate
 from optuna.trial import TrialState
-from test_sweeper_loop import ScriptedLauncher, config_loader, read_csv  # noqa: F401
+from test_sweeper_loop import ScriptedLauncher, read_csv
 
 from hydra_plugins.klsweep_optuna._errors import SweepConfigError
 from hydra_plugins.klsweep_optuna._sweep import OptunaSweep
+from klsweep.config import CONF_DIR
 
 BUDGET = "kl/final <= 0.05"
+
+
+@pytest.fixture(scope="module")
+def config_loader() -> Iterator[Any]:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        yield GlobalHydra.instance().config_loader()
 
 
 def summary(reward: float, kl: float) -> Callable[[Mapping[str, Any]], dict[str, float]]:

@@ -7,9 +7,9 @@ objectives, pruner and reporting interval into the study's user attribute ``klsw
 callback below reads them back from the storage, reports the first objective's running value
 every ``report_every`` steps and stops the run with ``optuna.TrialPruned`` when the pruner
 says so, or at once when its KL broke a budget of ``hydra.sweeper.constraints`` for good
-(``klsweep.budget``); the sweeper then records the trial as PRUNED with the reason. The running value is computed by the
-same ``summarize`` that writes summary.json, so an intermediate value and the final one mean
-the same thing.
+(``klsweep.budget``); the sweeper then records the trial as PRUNED with the reason. The
+running value is computed by the same ``summarize`` that writes summary.json, so an
+intermediate value and the final one mean the same thing.
 """
 
 from __future__ import annotations
