@@ -39,6 +39,8 @@ def test_a_feedback_schedule_is_pruned_only_once_the_window_alone_breaks_the_bou
     assert reason.startswith("over the KL budget 0.05 whatever the rest of the run logs")
     # 0.08 at step 6 leaves a mean of 0.04 possible
     assert budget_breach([*high, 0.08], 8, 0.05, **FEEDBACK) is None
+    # after the last step the run completes and is recorded as infeasible instead
+    assert budget_breach([*high, 0.2, 0.2], 8, 0.05, **FEEDBACK) is None
 
 
 def test_an_open_loop_schedule_is_pruned_past_min_progress_when_over_by_the_margin():

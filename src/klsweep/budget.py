@@ -71,6 +71,8 @@ def budget_breach(values: Sequence[float], total_steps: int, bound: float, *, fe
     with a last-quarter mean over ``bound`` (see the module's doc), or None if it still may
     not."""
     done = len(values)
+    if done >= total_steps:  # the run is over: nothing left to save, it ends as infeasible
+        return None
     window = max(1, math.ceil(total_steps * fraction))
     logged = values[total_steps - window:]
     if logged and sum(logged) / window > bound:
