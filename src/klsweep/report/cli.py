@@ -72,8 +72,9 @@ def build_report(paths: Sequence[str], out: Path | None = None,
     write_markdown(report, runs, groups, figures, [str(p) for p in paths],
                    sections=[*(markdown_lines(proxies) if proxies else ()), *drift_lines])
     if use_wandb:
-        tables = {"equal_drift": (["panel", "group", "kl", "reward_mean", "reward_std", "seeds"],
-                                  [row for c in drift for row in c.rows()])} if drift else {}
+        tables = {"equal_drift_table": (equal_drift.COLUMNS, [row for c in drift
+                                                              for row in c.rows()])} \
+            if drift else {}
         wandb_dir = log_to_wandb(out, runs, groups, figures, tables)
         log.info("klsweep.report: logged to W&B run %s", wandb_dir)
     return report

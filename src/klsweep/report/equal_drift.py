@@ -29,6 +29,7 @@ from klsweep.tracking import SMOOTHING_WINDOW, mean_std, trailing_mean
 N_LEVELS = 4  # grid levels up to the smallest final KL, besides the budget
 FIGURE = "equal_drift.png"
 TABLE = "equal_drift.md"
+COLUMNS = ["panel", "group", "kl", "reward_mean", "reward_std", "seeds"]  # of rows()
 
 
 def reward_at_kl(kl: Sequence[float], reward: Sequence[float],
@@ -127,7 +128,7 @@ class PanelComparison:
         return lines
 
     def rows(self) -> list[list]:
-        """The table as W&B rows: panel, group, level, mean, std, seeds that reached it."""
+        """The table as W&B rows (``COLUMNS``): the seeds are those that reached the level."""
         return [[self.panel, g.label, level, *self.stats(g, j)]
                 for g in self.groups for j, level in enumerate(self.levels)]
 
