@@ -83,3 +83,15 @@ def test_offline_runs_and_report_are_laid_out_for_comparison(tmp_path, monkeypat
             float(local[row[column("run")]]["reward_final"]))
     state = json.loads(inspect(report_dir, "--summary", "--json"))
     assert state["summary"]["report/best_tracking"] in {"fixed", "adaptive"}
+    # the equal-drift comparison goes to W&B: its figure, and the table of equal_drift.md
+    assert logged["report/equal_drift._type"] == "image-file"
+    drift = json.loads((report_dir / "files" / logged["report/equal_drift_table.path"]
+                        ).read_text())
+    lines = (sweep / "equal_drift.md").read_text().splitlines()
+    column = drift["columns"].index
+    assert {row[column("group")] for row in drift["data"]} == {"fixed", "adaptive"}
+    for row in drift["data"]:
+        if row[column("seeds")]:
+            shown = f"{row[column('reward_mean')]:.3f} ± {row[column('reward_std')]:.3f}"
+            assert shown in next(line for line in lines
+                                 if line.startswith(f"| {row[column('group')]} |"))

@@ -108,6 +108,8 @@ def test_sweep_writes_its_files_and_the_same_command_resumes_to_n_trials(tmp_pat
     ("kl.beta=interval(0.2, 0.1)", "kl.beta=interval(0.2, 0.1): interval(0.2, 0.1) is empty"),
     ("+hydra.sweeper.objectives={kl/finale:minimize}",
      "hydra.sweeper.objectives: kl/finale is not a number of a run's summary"),
+    ("hydra.sweeper.constraints=['kl/final < 0.1']",
+     "hydra.sweeper.constraints: 'kl/final < 0.1' must read 'metric <= number' or"),
 ])
 def test_a_bad_sweep_config_fails_in_one_line_before_any_trial(tmp_path, override, message):
     result = klsweep("sweep=beta_target", *FAST, override, sweep_dir=tmp_path / "sweep")

@@ -6,9 +6,10 @@ The Optuna sweeper passes each run its study and trial number (``trial.storage``
 objectives, pruner and reporting interval into the study's user attribute ``klsweep``. The
 callback below reads them back from the storage, reports the first objective's running value
 every ``report_every`` steps and stops the run with ``optuna.TrialPruned`` when the pruner
-says so; the sweeper then records the trial as PRUNED. The running value is computed by the
-same ``summarize`` that writes summary.json, so an intermediate value and the final one mean
-the same thing.
+says so, or at once when its KL broke a budget of ``hydra.sweeper.constraints`` for good
+(``klsweep.budget``); the sweeper then records the trial as PRUNED with the reason. The
+running value is computed by the same ``summarize`` that writes summary.json, so an
+intermediate value and the final one mean the same thing.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import lightning as L
 import optuna
 from lightning.pytorch.callbacks import Callback
 
+from klsweep.budget import Constraint, budget_breach, constraint_values, logged_key
+from klsweep.kl.schedules import TargetSchedule
 from klsweep.records import summarize
 from klsweep.storage import engine_kwargs, resolve_storage
 
@@ -44,8 +47,8 @@ def make_pruner(spec: Mapping[str, Any]) -> optuna.pruners.BasePruner:
 class TrialPruning(Callback):
     """Reports the sweep's first objective to trial ``number`` of the study through the
     storage every ``report_every`` steps, and raises ``optuna.TrialPruned`` when the study's
-    pruner says the trial will not beat the others. Optuna has no pruning for several
-    objectives, so a multi-objective study only runs its trials to the end."""
+    pruner says the trial will not beat the others (Optuna has no pruner for several
+    objectives) or when its KL broke a budget for good (in any study)."""
 
     def __init__(self, storage: str, study_name: str, number: int) -> None:
         url = resolve_storage(storage)
@@ -56,6 +59,8 @@ class TrialPruning(Callback):
                                   pruner=make_pruner(sweep["pruner"]))
         self.objective = next(iter(sweep["objectives"]))
         self.report_every = int(sweep["report_every"])
+        self.constraints = [Constraint(**c) for c in sweep.get("constraints", [])]
+        self.budget_pruning = sweep.get("budget_pruning") or {}
         self.single_objective = len(study.directions) == 1
         self.trial = optuna.trial.Trial(
             study, rdb.get_trial_id_from_study_id_trial_number(study_id, number))
@@ -63,11 +68,39 @@ class TrialPruning(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         step = pl_module.step_count
-        if not self.single_objective or step % self.report_every:
+        if step % self.report_every:
             return
-        value = summarize(pl_module.history).get(self.objective)
-        if value is None or not math.isfinite(value):
+        summary = summarize(pl_module.history)
+        reason = self.budget_reason(pl_module)
+        if reason is None and self.single_objective:
+            value = summary.get(self.objective)
+            if value is None or not math.isfinite(value):
+                return
+            self.trial.report(value, step)
+            if self.trial.should_prune():
+                reason = f"{self.objective} = {value:.4g}"
+        if reason is None:
             return
-        self.trial.report(value, step)
-        if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned after step {step}: {self.objective} = {value:.4g}")
+        # a pruned trial keeps the constraint values it had: the samplers rank it by them
+        values, _ = constraint_values(self.constraints, summary)
+        for name, value in (values or {}).items():
+            self.trial.set_constraint(name, value)
+        raise optuna.TrialPruned(f"pruned after step {step}: {reason}")
+
+    def budget_reason(self, pl_module: L.LightningModule) -> str | None:
+        """Why the run's KL broke a '<=' budget for good (``klsweep.budget``), or None."""
+        spec = self.budget_pruning
+        if not spec.get("enabled", False):
+            return None
+        for constraint in self.constraints:
+            key = logged_key(constraint.metric)
+            if constraint.op != "<=" or key is None:
+                continue
+            values = [row[key] for row in pl_module.history if key in row]
+            reason = budget_breach(values, pl_module.steps, constraint.bound,
+                                   feedback=isinstance(pl_module.schedule, TargetSchedule),
+                                   margin=spec.get("margin"),
+                                   min_progress=spec.get("min_progress", 0.5))
+            if reason is not None:
+                return f"{constraint.metric} {reason}"
+        return None

@@ -26,7 +26,9 @@ from hydra_plugins.klsweep_optuna._checks import (
     check_objectives,
     check_params,
     finite_values,
+    known_objectives,
 )
+from hydra_plugins.klsweep_optuna._constraints import check_constraints
 from hydra_plugins.klsweep_optuna._errors import SweepConfigError, SweepStopped
 from hydra_plugins.klsweep_optuna._search_space import (
     SearchSpace,
@@ -47,6 +49,7 @@ from hydra_plugins.klsweep_optuna._study import (
     make_storage,
     trial_id,
 )
+from klsweep.budget import constraint_values
 from klsweep.pruning import SWEEP_ATTR, make_pruner
 
 log = logging.getLogger("klsweep.sweep")
@@ -69,8 +72,11 @@ class OptunaSweep:
         parser = OverridesParser.create(config_loader=self.config_loader)
         params = OmegaConf.to_container(s.params, resolve=True)
         self.space: SearchSpace = parse_search_space(params, arguments, parser)
+        task = OmegaConf.select(self.config, "task.name")
         self.objectives = check_objectives(OmegaConf.to_container(s.objectives, resolve=True),
-                                           task=OmegaConf.select(self.config, "task.name"))
+                                           task=task)
+        self.constraints = check_constraints(
+            OmegaConf.to_container(s.constraints, resolve=True), known_objectives(task))
         n_objectives = len(self.objectives)
         self.pruner = check_pruner(OmegaConf.to_container(s.pruner, resolve=True), n_objectives)
         self.sampler_spec = OmegaConf.to_container(s.sampler, resolve=True)
@@ -105,6 +111,11 @@ class OptunaSweep:
             raise SweepConfigError(f"{where} has objectives {before['objectives']}, not "
                                    f"{self.objectives}: set hydra.sweeper.study_name for a "
                                    f"new study")
+        constraints = [vars(c) for c in self.constraints]
+        if before and before.get("constraints", []) != constraints:
+            raise SweepConfigError(f"{where} was run with constraints "
+                                   f"{before.get('constraints', [])}, not {constraints}: set "
+                                   f"hydra.sweeper.study_name for a new study")
         if before and sorted(before["overrides"]) != sorted(self.space.fixed):
             raise SweepConfigError(f"{where} was run with {' '.join(before['overrides'])!r}, "
                                    f"not {' '.join(self.space.fixed)!r}: resume it with the "
@@ -120,7 +131,8 @@ class OptunaSweep:
         study.set_user_attr(SWEEP_ATTR, {
             "objectives": self.objectives, "overrides": list(self.space.fixed),
             "params": {key: str(dist) for key, dist in self.space.distributions.items()},
-            "pruner": self.pruner, "report_every": s.report_every})
+            "pruner": self.pruner, "report_every": s.report_every, "constraints": constraints,
+            "budget_pruning": OmegaConf.to_container(s.budget_pruning, resolve=True)})
         return study
 
     # --- the loop -------------------------------------------------------------------------
@@ -241,6 +253,11 @@ class OptunaSweep:
         values, reason = None, None
         if result.status == JobStatus.COMPLETED:
             values, reason = finite_values(result.return_value, list(self.objectives))
+            constraints, broken = constraint_values(self.constraints, result.return_value)
+            if values is not None and constraints is None:
+                values, reason = None, broken
+            for name, value in (constraints or {}).items():
+                trial.set_constraint(name, value)
             state = TrialState.COMPLETE if values is not None else TrialState.FAIL
         else:
             error = result._return_value  # the exception the run raised
@@ -255,23 +272,32 @@ class OptunaSweep:
         study.tell(trial, values=values, state=state)
         shown = reason if values is None else " ".join(
             f"{k}={v:.4g}" for k, v in zip(self.objectives, values, strict=True))
+        if values is not None and self.constraints:
+            shown += " infeasible" if any(v > 0 for v in constraints.values()) else " feasible"
         params = " ".join(override_string(k, v) for k, v in trial.params.items())
         log.info(f"klsweep: trial {trial.number} {state.name} · {shown} · {params}")
         return state
 
     # --- after the loop ---------------------------------------------------------------------
     def write_results(self, study: optuna.Study) -> None:
-        _results.write_trials_csv(self.sweep_dir / "trials.csv", study, list(self.objectives))
+        names = [c.name for c in self.constraints]
+        _results.write_trials_csv(self.sweep_dir / "trials.csv", study, list(self.objectives),
+                                  names)
         path = _results.write_best(self.sweep_dir, study, self.objectives, self.space.fixed,
-                                   self.storage_url.shown)
+                                   self.storage_url.shown, names)
         best = _results.best_trials(study)
+        least = _results.least_infeasible(study) if names and not best else None
         states = {state.name: count(study, (state,)) for state in TrialState
                   if count(study, (state,))}
         title = "Pareto front" if len(self.objectives) > 1 else "best trial"
+        if names:
+            title = f"{title} subject to {', '.join(names)}"
         log.info(f"klsweep: study {self.study_name}: "
                  f"{', '.join(f'{n} {name}' for name, n in states.items())}; {title} "
                  f"({path.name}):\n"
-                 + (_results.format_table(best, list(self.objectives)) if best
+                 + (_results.format_table(best, list(self.objectives), names) if best
+                    else "(no feasible trial; the least infeasible:)\n" + _results.format_table(
+                        [least], list(self.objectives), names) if least is not None
                     else "(no trial completed)"))
         log.info(f"klsweep: trials in {self.sweep_dir / 'trials.csv'}; "
                  f"optuna-dashboard {self.storage_url.shown}")

@@ -7,12 +7,30 @@ from hydra.core.config_store import ConfigStore
 
 
 @dataclass
+class BudgetPruningConf:
+    # Open-loop β (fixed, linear, cosine, exponential): prune once min_progress of the steps
+    # ran and the KL's running last-quarter mean is over the bound by more than margin
+    # (relative); null: never on that evidence. Feedback β (adaptive, multiplicative, pid,
+    # dual) raises β while the KL is high, so it is pruned only once the bound is broken
+    # whatever the remaining steps log (see klsweep.budget).
+    margin: float | None = 0.5  # 50% over: well past the noise of a last-quarter mean
+    min_progress: float = 0.5  # half the run: the schedule has had time to act
+    enabled: bool = True
+
+
+@dataclass
 class KLSweepOptunaConf:
     _target_: str = "hydra_plugins.klsweep_optuna.klsweep_optuna_sweeper.KLSweepOptunaSweeper"
     # metric name (a key of the run's summary) -> maximize | minimize; several: a Pareto front.
     # Empty: reward/final, maximized. null drops an objective a preset set: the command line
     # merges mappings, so 'hydra.sweeper.objectives={kl/final:null}' leaves reward/final alone.
     objectives: dict[str, str | None] = field(default_factory=dict)
+    # "metric <= number" or "metric >= number", metric a number of the run's summary: a trial
+    # that breaks one is infeasible (Optuna's constrained optimisation); best.yaml and the
+    # Pareto front hold feasible trials only
+    constraints: list[str] = field(default_factory=list)
+    # prune a trial whose KL broke a '<=' constraint on kl/* for good (klsweep.budget)
+    budget_pruning: BudgetPruningConf = field(default_factory=lambda: BudgetPruningConf())
     # config key -> search space in Hydra's override grammar: interval(a, b),
     # tag(log, interval(a, b)), int(interval(a, b)), range(a, b, step), choice(x, y), x,y
     params: dict[str, Any] = field(default_factory=dict)

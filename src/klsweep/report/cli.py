@@ -6,6 +6,8 @@ the first PATH (or ``--out``) ``report.md`` and ``runs.csv`` (``markdown``) and 
 (``figures``); for runs that optimised a proxy reward, the over-optimisation fit and figure
 (``overoptimization``). Runs that differ only by seed form one group (``runs``), shown as
 mean ± std over its seeds; groups are compared within one panel per (task, algorithm).
+Each panel's schedules are also compared at equal drift, the reward where each run's KL
+first reached common levels (``equal_drift``: equal_drift.md, a section and a figure).
 ``--wandb`` logs the tables and figures to a W&B run of job_type=report (``wandb_run``).
 """
 
@@ -28,9 +30,11 @@ log = logging.getLogger("klsweep")
 
 
 def build_report(paths: Sequence[str], out: Path | None = None,
-                 use_wandb: bool = False) -> Path:
+                 use_wandb: bool = False, budget: float | None = None) -> Path:
     """Read the runs under ``paths``, write report.md, runs.csv and the figures into ``out``
-    (default: the first path); return report.md's path."""
+    (default: the first path); return report.md's path. ``budget``: the KL level the
+    equal-drift comparison always includes (default: the runs' common kl.target)."""
+    from klsweep.report import equal_drift
     from klsweep.report.figures import draw_all
     from klsweep.report.overoptimization import (
         FIGURE,
@@ -58,11 +62,20 @@ def build_report(paths: Sequence[str], out: Path | None = None,
         figures["Over-optimisation: gold and proxy reward against √KL"] = FIGURE
         for group in proxies:
             log.info("klsweep.report: over-optimisation: %s", verdict(group, bold=False))
+    drift = equal_drift.compare(groups, budget)
+    drift_lines = equal_drift.markdown_lines(drift)
+    if drift:
+        equal_drift.plot_equal_drift(drift, out / equal_drift.FIGURE)
+        figures["Reward against KL at equal drift"] = equal_drift.FIGURE
+        (out / equal_drift.TABLE).write_text("\n".join(drift_lines))
     report = out / "report.md"
     write_markdown(report, runs, groups, figures, [str(p) for p in paths],
-                   sections=markdown_lines(proxies) if proxies else ())
+                   sections=[*(markdown_lines(proxies) if proxies else ()), *drift_lines])
     if use_wandb:
-        wandb_dir = log_to_wandb(out, runs, groups, figures)
+        tables = {"equal_drift_table": (equal_drift.COLUMNS, [row for c in drift
+                                                              for row in c.rows()])} \
+            if drift else {}
+        wandb_dir = log_to_wandb(out, runs, groups, figures, tables)
         log.info("klsweep.report: logged to W&B run %s", wandb_dir)
     return report
 
@@ -79,11 +92,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--wandb", action="store_true",
                         help="also log the table and figures to a W&B run of job_type=report "
                              "in the sweep's group (offline without credentials)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="a KL level the equal-drift table always shows (default: the "
+                             "runs' common kl.target)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.perf_counter()
     try:
-        report = build_report(args.paths, args.out, args.wandb)
+        report = build_report(args.paths, args.out, args.wandb, args.budget)
     except FileNotFoundError as err:
         print(f"klsweep.report: error: {err}", file=sys.stderr)
         return 2

@@ -4,7 +4,7 @@ tables, and the figures."""
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +13,11 @@ from klsweep.report.runs import GROUP_METRICS, Group, Run, ranked_groups
 
 
 def log_to_wandb(out: Path, runs: Sequence[Run], groups: Sequence[Group],
-                 figures: dict[str, str]) -> str:
-    """Log the comparison table and the figures to one W&B run of job_type=report in the
-    sweep's group; return the run's local dir."""
+                 figures: dict[str, str],
+                 tables: Mapping[str, tuple[list[str], list[list[Any]]]] | None = None) -> str:
+    """Log the comparison table, ``tables`` ({name: (columns, rows)}, as report/<name>) and
+    the figures to one W&B run of job_type=report in the sweep's group; return its local
+    dir."""
     import wandb
 
     from klsweep.records import wandb_mode
@@ -35,6 +37,8 @@ def log_to_wandb(out: Path, runs: Sequence[Run], groups: Sequence[Group],
     payload: dict[str, Any] = {"report/runs": wandb.Table(columns=list(CSV_COLUMNS), data=rows),
                                "report/groups": wandb.Table(columns=summary_columns,
                                                             data=summary_rows)}
+    for name, (columns, data) in (tables or {}).items():
+        payload[f"report/{name}"] = wandb.Table(columns=columns, data=data)
     for title, name in figures.items():
         payload[f"report/{Path(name).stem}"] = wandb.Image(str(out / name), caption=title)
     run.log(payload)
