@@ -66,6 +66,12 @@ class Divergence:
         one (see kl.f_terms; 1 for the reverse KL, whose chain rule makes it a constant)."""
         return self.f_prime(log_u) - self.sampled_value(log_u)
 
+    def pair_score(self, log_u: Tensor) -> Tensor:
+        """f′(u) up to an additive constant, which cancels in the margin f′(u_w) − f′(u_l)
+        of an f-DPO pair (Wang et al. 2023); the reverse KL's is log u itself, so that its
+        f-DPO is DPO to the bit."""
+        return self.f_prime(log_u)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -90,6 +96,9 @@ class ReverseKL(Divergence):
 
     def residual(self, log_u: Tensor) -> Tensor:
         return torch.ones_like(log_u)
+
+    def pair_score(self, log_u: Tensor) -> Tensor:
+        return log_u
 
 
 class ForwardKL(Divergence):
