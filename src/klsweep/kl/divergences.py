@@ -16,9 +16,13 @@ overflows long before its log does.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from klsweep.kl import f_terms
+from klsweep.kl.estimators import kl_penalty_per_token, kl_per_token
 
 LOG_2 = math.log(2.0)
 
@@ -61,10 +65,50 @@ class Divergence:
         (for the reverse KL, the log-ratio: k1)."""
         return self.f(log_u) * torch.exp(-log_u)
 
-    def residual(self, log_u: Tensor) -> Tensor:
-        """f′(u) − f(u)/u, what a per-token reward hands from one position to the previous
-        one (see kl.f_terms; 1 for the reverse KL, whose chain rule makes it a constant)."""
-        return self.f_prime(log_u) - self.sampled_value(log_u)
+    # --- training's interface: one call per use, ``kl`` the KL settings (KLConfig) -------
+    def check(self, kl: Any) -> None:
+        """Raise ValueError (one line) for KL settings that mean nothing for this divergence:
+        its penalty and loss term are fixed by f′ (their gradient must be ∇D_f), so
+        ``kl.estimator`` picks only the value estimate (``k1`` f(u)/u, ``k3`` the
+        non-negative one, ``full`` exact per position, token unit only); k2, abs,
+        ``kl.gradient=k2`` and ``kl.is_correction`` are the reverse KL's own."""
+        allowed = ("k1", "k3", "full") if kl.unit == f_terms.TOKEN else ("k1", "k3")
+        if kl.estimator not in allowed:
+            raise ValueError(f"kl.estimator={kl.estimator} cannot estimate "
+                             f"kl.divergence={self.name} at kl.unit={kl.unit} "
+                             f"(allowed: {', '.join(allowed)})")
+        if kl.gradient != "estimator":
+            raise ValueError(f"kl.gradient={kl.gradient} is a reverse-KL option "
+                             f"(kl.divergence={self.name} allows: estimator)")
+        if kl.is_correction:
+            raise ValueError(f"kl.is_correction is a reverse-KL option "
+                             f"(kl.divergence={self.name} needs it false)")
+
+    def _terms(self, kl: Any, logits: Tensor | None, ref_logits: Tensor | None) -> dict:
+        return {"unit": kl.unit, "estimator": kl.estimator, "logits": logits,
+                "ref_logits": ref_logits, "clamp": kl.clamp}
+
+    def values(self, logp: Tensor, ref_logp: Tensor, mask: Tensor, kl: Any,
+               logits: Tensor | None = None, ref_logits: Tensor | None = None) -> Tensor:
+        """The divergence's estimate per token [B, N] (its masked sum per sequence averages
+        to the divergence in kl.unit), without gradient."""
+        with torch.no_grad():
+            return f_terms.value_per_token(self, logp, ref_logp, mask,
+                                           **self._terms(kl, logits, ref_logits))
+
+    def reward_penalty(self, logp: Tensor, ref_logp: Tensor, mask: Tensor, kl: Any,
+                       logits: Tensor | None = None,
+                       ref_logits: Tensor | None = None) -> Tensor:
+        """The per-token penalty [B, N], detached, that β times leaves the reward."""
+        return f_terms.reward_penalty(self, logp, ref_logp, mask,
+                                      **self._terms(kl, logits, ref_logits))
+
+    def loss_term(self, logp: Tensor, ref_logp: Tensor, old_logp: Tensor, mask: Tensor,
+                  kl: Any, logits: Tensor | None = None,
+                  ref_logits: Tensor | None = None) -> Tensor:
+        """The per-token term [B, N] of a loss, with its gradient through log π_θ."""
+        return f_terms.loss_term(self, logp, ref_logp, mask,
+                                 **self._terms(kl, logits, ref_logits))
 
     def pair_score(self, log_u: Tensor) -> Tensor:
         """f′(u) up to an additive constant, which cancels in the margin f′(u_w) − f′(u_l)
@@ -94,8 +138,34 @@ class ReverseKL(Divergence):
     def sampled_value(self, log_u: Tensor) -> Tensor:
         return log_u
 
-    def residual(self, log_u: Tensor) -> Tensor:
-        return torch.ones_like(log_u)
+    # The KL keeps klsweep's estimators and options (DESIGN §4): every one means something
+    # for it, and its chain rule makes the token and sequence units one divergence.
+    def check(self, kl: Any) -> None:
+        pass
+
+    def values(self, logp: Tensor, ref_logp: Tensor, mask: Tensor, kl: Any,
+               logits: Tensor | None = None, ref_logits: Tensor | None = None) -> Tensor:
+        return kl_per_token(logp, ref_logp, kl.estimator, logits=logits,
+                            ref_logits=ref_logits, clamp=kl.clamp)
+
+    @torch.no_grad()
+    def reward_penalty(self, logp: Tensor, ref_logp: Tensor, mask: Tensor, kl: Any,
+                       logits: Tensor | None = None,
+                       ref_logits: Tensor | None = None) -> Tensor:
+        return kl_per_token(logp, ref_logp, kl.estimator, logits=logits,
+                            ref_logits=ref_logits, clamp=kl.clamp)
+
+    def loss_term(self, logp: Tensor, ref_logp: Tensor, old_logp: Tensor, mask: Tensor,
+                  kl: Any, logits: Tensor | None = None,
+                  ref_logits: Tensor | None = None) -> Tensor:
+        term = kl_penalty_per_token(logp, ref_logp, kl.estimator, gradient=kl.gradient,
+                                    logits=logits, ref_logits=ref_logits, clamp=kl.clamp)
+        if kl.is_correction:
+            # the ratio with its gradient (TRL's use_bias_correction_kl, DeepSeek-V3.2):
+            # on-policy its value is 1, but ∇(ρ·k) = k·∇log π + ∇k turns k3's forward-KL
+            # gradient into the reverse-KL one; a detached ratio would change nothing
+            term = term * torch.exp(logp - old_logp)
+        return term
 
     def pair_score(self, log_u: Tensor) -> Tensor:
         return log_u
