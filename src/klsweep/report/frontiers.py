@@ -29,6 +29,7 @@ from klsweep.kl.divergences import Divergence, make_divergence
 # β of the frontier, as a multiple of the reward's spread (max − min over completions): from
 # nearly the best completion alone (1e-2.5) to nearly π_ref (1e1.5)
 _BETA_DECADES = (-2.5, 1.5)
+_PANELS_PER_ROW = 3
 
 
 @dataclass
@@ -115,10 +116,15 @@ def plot_divergence_frontiers(runs: Sequence[Any], path: Path, colours: Sequence
     source = groups[0].runs[0]
     ref_logp = np.asarray([p["ref_logp"] for p in source.exact["prompts"]], dtype=np.float64)
     reward, vocab = tables[0].astype(np.float64), int(source.get("task.vocab_size"))
-    fig, axes = plt.subplots(1, len(groups) + 1, figsize=(4.6 * (len(groups) + 1), 4.2),
+    n_cols = min(_PANELS_PER_ROW, len(groups) + 1)
+    n_rows = -(-(len(groups) + 1) // n_cols)
+    fig, grid = plt.subplots(n_rows, n_cols, figsize=(4.6 * n_cols, 3.9 * n_rows + 0.6),
                              squeeze=False, layout="constrained")
-    on_kl = axes[0][0]
-    for g, ax, colour in zip(groups, axes[0][1:], colours, strict=False):
+    axes = list(grid.flat)
+    for unused in axes[len(groups) + 1:]:
+        unused.set_axis_off()
+    on_kl = axes[0]
+    for g, ax, colour in zip(groups, axes[1:], colours, strict=False):
         curve = divergence_frontier(g.divergence, g.unit, ref_logp, reward,
                                     frontier_betas(reward), vocab)
         on_kl.plot(curve.kl, curve.reward, color=colour, lw=1.8, label=g.label)
@@ -139,7 +145,7 @@ def plot_divergence_frontiers(runs: Sequence[Any], path: Path, colours: Sequence
     on_kl.set_title("all divergences on the reverse-KL plane")
     on_kl.set_xlabel("KL(π‖π_ref) [nats/sequence]")
     on_kl.legend(fontsize=8)
-    for ax in axes[0][:len(groups) + 1]:
+    for ax in axes[:len(groups) + 1]:
         ax.set_xscale("symlog", linthresh=1e-2)
         ax.set_ylabel("exact reward E_π[r]")
         ax.grid(alpha=0.3)
