@@ -8,8 +8,10 @@ Bradley–Terry labels make the minimiser of the sigmoid loss the KL-regularised
 π* ∝ π_ref·exp(r/β). Online (``algo.online``), fresh pairs come from the current policy.
 
 DPO has no KL term: β *is* the coefficient of the sequence-level KL in the objective it
-solves. KL(π‖π_ref) is measured on fresh policy samples: every step online (the pairs are
-such samples), every ``algo.eval_every`` steps offline.
+solves. With ``kl.divergence`` another f-divergence takes the KL's place, still over whole
+sequences (f-DPO, Wang et al. 2023; the losses are in klsweep.algos.dpo_losses).
+KL(π‖π_ref) is measured on fresh policy samples: every step online (the pairs are such
+samples), every ``algo.eval_every`` steps offline.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from klsweep.algos.common import Algorithm, Optimize, StepResult, sample_and_score
+from klsweep.algos.dpo_losses import LOSSES, check_f_dpo_loss, dpo_loss, sequence_logratio
 from klsweep.kl import ESTIMATORS, masked_sum
 from klsweep.policy import Measurement, PolicyPair
 from klsweep.preferences import LABELS, preference_labels
@@ -30,7 +32,6 @@ from klsweep.rollout import Prompts, Rollout
 from klsweep.schema import ConfigError, describe, spec
 from klsweep.tasks.base import Task
 
-LOSSES = ("sigmoid", "robust", "ipo", "hinge")
 # offline pairs are sampled from π_ref in chunks of this many prompts (bounds the KV cache)
 _DATASET_CHUNK = 1024
 # rows of a chunk decoded at once, with the tokens of one batch (rollout.generate): their KV
@@ -38,71 +39,6 @@ _DATASET_CHUNK = 1024
 _DECODE_ROWS = 512
 
 
-def _pair_loss(h: Tensor, beta: float, loss_type: str) -> Tensor:
-    """ℓ(h), the loss of one pair with its label as given (no smoothing)."""
-    if loss_type == "sigmoid":
-        return -F.logsigmoid(beta * h)
-    if loss_type == "ipo":
-        if beta <= 0:
-            raise ValueError(f"the ipo loss needs beta > 0 (got {beta})")
-        return (h - 1.0 / (2.0 * beta)).square()
-    if loss_type == "hinge":
-        return torch.relu(1.0 - beta * h)
-    raise ValueError(f"unknown DPO loss {loss_type!r} (allowed: {', '.join(LOSSES)})")
-
-
-def sequence_logratio(logp: Tensor, ref_logp: Tensor, mask: Tensor,
-                      per_token: bool = False) -> Tensor:
-    """log π(y)/π_ref(y) per completion [B] from the policy's per-token log-probs [B, T]
-    over the completion tokens ``mask`` [B, T].
-
-    Summed (default): the sequence log-ratio of DPO's derivation, whose β is then the
-    coefficient on sequence KL. ``per_token``: its mean over the completion's tokens, i.e.
-    both log-probs divided by the completion's length, as TRL computes them for IPO (its
-    comment: the IPO authors confirmed the paper's results use this normalised form); a
-    completion without tokens gives 0. ``ref_logp`` is per token [B, T], or already summed
-    over ``mask`` [B] (what an offline data set caches)."""
-    ref = ref_logp if ref_logp.dim() == logp.dim() - 1 else masked_sum(ref_logp, mask)
-    logratio = masked_sum(logp, mask) - ref
-    if per_token:
-        logratio = logratio / mask.sum(-1).clamp(min=1).to(logratio.dtype)
-    return logratio
-
-
-def dpo_loss(chosen_logratio: Tensor, rejected_logratio: Tensor, beta: float,
-             loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-pair preference losses [B] from the log-ratios log π(y)/π_ref(y) of the chosen and
-    rejected completions (summed or per token: see ``sequence_logratio``), with ``h`` their
-    difference and ε = ``label_smoothing``:
-
-    * ``sigmoid`` (DPO, Rafailov et al. 2023): ``−log σ(β·h)``;
-    * ``robust`` (Chowdhury et al. 2024): ``((1−ε)·ℓ(h) − ε·ℓ(−h))/(1 − 2ε)`` with ℓ the
-      sigmoid loss, i.e. TRL's ``(−(1−ε)·log σ(β·h) + ε·log σ(−β·h))/(1 − 2ε)``. When each
-      label is flipped with known probability ε, its mean over the flip is the clean ℓ(h),
-      so its minimiser is the clean labels' one. Needs 0 ≤ ε < 1/2; for ε > 0 a single pair's
-      loss is unbounded below (−∞ as β·h → ∞), only its mean over labels is a proper loss;
-    * ``ipo`` (Azar et al. 2023): ``(h − 1/(2β))²``;
-    * ``hinge`` (SLiC, Zhao et al. 2023): ``max(0, 1 − β·h)``.
-
-    For ``sigmoid``, ``ipo`` and ``hinge``, ε treats each label as flipped with probability
-    ε, ``(1−ε)·ℓ(h) + ε·ℓ(−h)``: for ``sigmoid`` this is conservative DPO (Mitchell 2023,
-    TRL's ``label_smoothing``, which TRL reads for ``sigmoid`` and ``robust`` only: its ipo
-    and hinge ignore it). Returns (losses, chosen rewards, rejected rewards) with the
-    implicit rewards ``β·log π/π_ref`` detached."""
-    h = chosen_logratio - rejected_logratio
-    eps = label_smoothing
-    if loss_type == "robust":
-        if not 0.0 <= eps < 0.5:
-            raise ValueError(f"the robust loss needs 0 <= label_smoothing < 0.5 (got {eps})")
-        # the mean over a flip w.p. ε of this estimator is ℓ(h): (1−ε)²−ε² = 1−2ε cancels
-        losses = ((1.0 - eps) * _pair_loss(h, beta, "sigmoid")
-                  - eps * _pair_loss(-h, beta, "sigmoid")) / (1.0 - 2.0 * eps)
-    else:
-        losses = _pair_loss(h, beta, loss_type)
-        if eps > 0:
-            losses = (1.0 - eps) * losses + eps * _pair_loss(-h, beta, loss_type)
-    return losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
 
 
 def order_pairs(a_preferred: Tensor) -> Tensor:
@@ -162,6 +98,15 @@ class DPOConfig:
         if not cfg.kl.beta > 0:
             raise ConfigError(f"kl.beta must be > 0 for algo=dpo: it is DPO's β "
                               f"(got {cfg.kl.beta})")
+        try:
+            check_f_dpo_loss(cfg.algo.loss, cfg.kl.divergence)
+        except ValueError as error:
+            raise ConfigError(f"algo.loss={cfg.algo.loss}: {error}") from None
+        if cfg.kl.divergence != "reverse_kl" and cfg.kl.unit != "sequence":
+            # only the KL's chain rule makes a token-unit objective DPO's sequence one
+            raise ConfigError(f"kl.unit must be sequence for algo=dpo with kl.divergence="
+                              f"{cfg.kl.divergence}: f-DPO regularises whole sequences "
+                              f"(got {describe(cfg.kl.unit)})")
 
 
 class DPO(Algorithm):
@@ -180,6 +125,7 @@ class DPO(Algorithm):
 
     def setup(self, pair: PolicyPair, seed: int) -> nn.Module | None:
         self.seed = seed  # the offline data set's prompts and samples come from it
+        self.divergence = pair.divergence
         return None
 
     def prompts_per_step(self) -> int:
@@ -304,7 +250,7 @@ class DPO(Algorithm):
         logratio = sequence_logratio(logp, batch.ref_logp, batch.rollout.mask,
                                      per_token=per_token).view(-1, 2)
         losses, chosen, rejected = dpo_loss(logratio[:, 0], logratio[:, 1], beta, c.loss,
-                                            c.label_smoothing)
+                                            c.label_smoothing, self.divergence)
         loss = losses.mean()
         optimize(loss)
         scores = batch.rewards.view(-1, 2)

@@ -110,6 +110,12 @@ class Divergence:
         return f_terms.loss_term(self, logp, ref_logp, mask,
                                  **self._terms(kl, logits, ref_logits))
 
+    def pair_score(self, log_u: Tensor) -> Tensor:
+        """f′(u) up to an additive constant, which cancels in the margin f′(u_w) − f′(u_l)
+        of an f-DPO pair (Wang et al. 2023); the reverse KL's is log u itself, so that its
+        f-DPO is DPO to the bit."""
+        return self.f_prime(log_u)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -160,6 +166,9 @@ class ReverseKL(Divergence):
             # gradient into the reverse-KL one; a detached ratio would change nothing
             term = term * torch.exp(logp - old_logp)
         return term
+
+    def pair_score(self, log_u: Tensor) -> Tensor:
+        return log_u
 
 
 class ForwardKL(Divergence):

@@ -1,7 +1,7 @@
 """The report's figures (matplotlib, Agg backend): KL and β trajectories, final reward
-against final KL with the Pareto front (and the exact task's closed-form frontier), and the
-tracking metrics per group. One colour per schedule, one panel per (algorithm, task), seeds as
-thin lines around their mean."""
+against final KL with the Pareto front (and the exact task's closed-form frontier; each
+divergence's own in report.frontiers), and the tracking metrics per group. One colour per
+schedule, one panel per (algorithm, task), seeds as thin lines around their mean."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator, NullFormatter  # noqa: E402
 
 from klsweep.kl.schedules import SCHEDULES  # noqa: E402
+from klsweep.report.frontiers import plot_divergence_frontiers  # noqa: E402
 from klsweep.tracking import SMOOTHING_WINDOW, trailing_mean  # noqa: E402
 
 # Colours follow the schedule registry's order, so a schedule has the same colour in every
@@ -344,6 +345,12 @@ def draw_all(groups: Sequence[Any], out: Path) -> dict[str, str]:
         show_target=False)
     plot_reward_vs_kl(groups, out / "reward_vs_kl.png")
     plot_tracking(groups, out / "tracking.png")
-    return {"KL trajectories": "kl_trajectories.png", "β trajectories": "beta_trajectories.png",
-            "Final reward against final KL": "reward_vs_kl.png",
-            "Tracking metrics per schedule": "tracking.png"}
+    figures = {"KL trajectories": "kl_trajectories.png",
+               "β trajectories": "beta_trajectories.png",
+               "Final reward against final KL": "reward_vs_kl.png",
+               "Tracking metrics per schedule": "tracking.png"}
+    if plot_divergence_frontiers([run for g in groups for run in g.runs],
+                                 out / "divergence_frontiers.png", _PALETTE, DPI):
+        figures["Each divergence's frontier: reward against it and against the reverse KL"] = \
+            "divergence_frontiers.png"
+    return figures
