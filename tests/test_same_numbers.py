@@ -12,7 +12,8 @@ from tests.conftest import run_and_read
 
 BEFORE = Path(__file__).parent / "data" / "before_seam"
 COMMANDS = {
-    "grpo": ["algo=grpo", "kl.target=0.05", "steps=60"],
+    # kl.is_correction=false: GRPO's default before it followed TRL (README, The KL-gradient audit)
+    "grpo": ["algo=grpo", "kl.target=0.05", "kl.is_correction=false", "steps=60"],
     "ppo": ["algo=ppo", "steps=30"],
     "dpo": ["algo=dpo", "steps=30"],
     "exact": ["task=exact", "algo=grpo", "schedule=fixed", "kl.beta=0.1", "kl.placement=reward",
