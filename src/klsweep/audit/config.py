@@ -12,6 +12,7 @@ from klsweep.config import CONF_DIR, check_overrides, validate
 from klsweep.schema import ConfigError, check_node, check_value, spec
 
 TARGETS = ("reverse_kl", "reverse_kl_myopic", "forward_kl")
+METHODS = ("auto", "monte_carlo")
 # algo name -> its key for optimizer steps on one batch (audit.staleness)
 INNER_UPDATES = {"grpo": "updates_per_rollout", "ppo": "ppo_epochs"}
 
@@ -29,6 +30,8 @@ class AuditConfig:
                                   help="B of mse_at_batch; null: the run's rollouts per step")
     targets: list = spec(kind="list", help=f"gradients to audit against: {', '.join(TARGETS)}")
     seed: int = spec(kind="integer", ge=0, help="seed of the audit's own draws")
+    method: str = spec(kind="choice", choices=METHODS,
+                       help="auto: enumeration on the exact task, else Monte Carlo")
 
     @staticmethod
     def check(cfg: DictConfig) -> None:

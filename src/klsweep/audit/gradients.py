@@ -125,8 +125,34 @@ def target(name: str, batch: Batch) -> Tensor:
     return myopic_target(batch, forward=name == "forward_kl")
 
 
-def flat_grad(value: Tensor, params: list[Tensor]) -> Tensor:
+class MeanGradients:
+    """∇θ of the weighted sum Σ_y w_y·f_y of per-sequence functions on one scored batch, by
+    two backwards: f's gradient with respect to the policy's logits (cheap), then the
+    network's backward from those logits. Functions whose logit gradients agree (k3 with
+    ``is_correction`` and k2, say) share the network's backward, the audit's main cost."""
+
+    def __init__(self, batch: Batch, weights: Tensor, params: list[Tensor]) -> None:
+        self.batch, self.weights, self.params = batch, weights, params
+        self._seen: list[tuple[Tensor, Tensor]] = []
+
+    def __call__(self, f: Tensor) -> Tensor:
+        total = (f.double() * self.weights).sum()
+        (upstream,) = torch.autograd.grad(total, self.batch.logits, retain_graph=True,
+                                          allow_unused=True)
+        if upstream is None:
+            upstream = torch.zeros_like(self.batch.logits)
+        scale = float(upstream.abs().max())
+        for seen, grad in self._seen:
+            if torch.allclose(seen, upstream, rtol=1e-5, atol=1e-7 * scale):
+                return grad
+        grad = flat_grad(self.batch.logits, self.params, upstream)
+        self._seen.append((upstream, grad))
+        return grad
+
+
+def flat_grad(value: Tensor, params: list[Tensor], upstream: Tensor | None = None) -> Tensor:
     """∇θ value as one flat float64 vector (zeros for parameters it does not reach)."""
-    grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+    grads = torch.autograd.grad(value, params, grad_outputs=upstream, retain_graph=True,
+                                allow_unused=True)
     return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).double()
                       for g, p in zip(grads, params, strict=True)])

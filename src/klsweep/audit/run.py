@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from klsweep.audit.config import INNER_UPDATES, AuditConfig, rollouts_per_step, run_config
 from klsweep.audit.gradients import (
     Batch,
+    MeanGradients,
     Variant,
     estimated,
     flat_grad,
@@ -74,9 +75,9 @@ def _mean_length(batch: Batch, weights: Tensor) -> float:
     return float((batch.mask.sum(1).double() * weights).sum())
 
 
-def _group_means(fn, groups: list[Batch], params: list[Tensor]) -> Tensor:
+def _group_means(fn, groups: list[MeanGradients]) -> Tensor:
     """[G, P]: each group's mean gradient of f = fn(batch)."""
-    return torch.stack([flat_grad(fn(b).mean(), params) for b in groups])
+    return torch.stack([mean(fn(mean.batch)) for mean in groups])
 
 
 def audit(cfg: DictConfig, config: AuditConfig) -> dict[str, Any]:
@@ -93,24 +94,26 @@ def audit(cfg: DictConfig, config: AuditConfig) -> dict[str, Any]:
     params = [p for p in pair.policy.parameters() if p.requires_grad]
     pair.policy.eval()  # the audited distribution is the sampler's (no dropout)
     torch.manual_seed(config.seed)
-    groups = sampled_groups(pair, old, task, config.samples, config.groups,
-                            torch.Generator().manual_seed(config.seed))
+    batches = sampled_groups(pair, old, task, config.samples, config.groups,
+                             torch.Generator().manual_seed(config.seed))
     per_group = config.samples // config.groups
+    groups = [MeanGradients(b, torch.full((per_group,), 1.0 / per_group, dtype=torch.float64),
+                            params) for b in batches]
     batch_size = config.batch_size or rollouts_per_step(run)
-    exact = isinstance(task, ExactTask)
+    exact = isinstance(task, ExactTask) and config.method == "auto"
     if exact:
         batch, weights, _ = enumerate_batch(pair, old, task)
+        enumerated = MeanGradients(batch, weights, params)
         mean_length = _mean_length(batch, weights)
-        targets = {name: _exact_target(name, batch, weights, params) for name in config.targets}
+        targets = {name: _exact_target(name, enumerated, params) for name in config.targets}
     else:
-        mean_length = sum(float(b.mask.sum()) for b in groups) / (per_group * len(groups))
-        targets = {name: _group_means(lambda b, n=name: target(n, b), groups, params)
+        mean_length = sum(float(b.mask.sum()) for b in batches) / (per_group * len(batches))
+        targets = {name: _group_means(lambda b, n=name: target(n, b), groups)
                    for name in config.targets}
     rows = []
     for variant in (v for v in variants() if v.unit == "sequence"):
-        group_means = _group_means(lambda b: estimated(pair, variant, b), groups, params)
-        mean = (flat_grad((estimated(pair, variant, batch) * weights).sum(), params)
-                if exact else None)
+        group_means = _group_means(lambda b: estimated(pair, variant, b), groups)
+        mean = enumerated(estimated(pair, variant, batch)) if exact else None
         for name, target_grad in targets.items():
             figures = (exact_figures(mean, target_grad, group_means, per_group, batch_size)
                        if exact else
@@ -124,17 +127,18 @@ def audit(cfg: DictConfig, config: AuditConfig) -> dict[str, Any]:
             "parameters": sum(p.numel() for p in params), "rows": rows}
 
 
-def _exact_target(name: str, batch: Batch, weights: Tensor, params: list[Tensor]) -> Tensor:
+def _exact_target(name: str, enumerated: MeanGradients, params: list[Tensor]) -> Tensor:
     """g* by enumeration: ``reverse_kl`` by autograd of the enumerated sequence-level KL,
     Σ_y π(y)·log π(y)/π_ref(y) (the prompts uniform); the per-position targets as the
     π-weighted sum of their per-position gradients."""
+    batch, weights = enumerated.batch, enumerated.weights
     if name == "reverse_kl":
         logp = masked_sum(batch.logp, batch.mask).double()
         ref_logp = masked_sum(batch.ref_logp, batch.mask).double()
         prompt_weight = weights / torch.exp(masked_sum(batch.old_logp, batch.mask).double())
         kl = (prompt_weight * torch.exp(logp) * (logp - ref_logp)).sum()
         return flat_grad(kl, params)
-    return flat_grad((target(name, batch) * weights).sum(), params)
+    return enumerated(target(name, batch))
 
 
 def _row(variant: Variant, target_name: str, figures: Figures,
