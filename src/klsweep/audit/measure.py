@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 # |E ĝ| below this share of |g*| is float32 rounding of a zero expectation (k1 in the loss)

@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from klsweep.algos.common import Optimize
 from klsweep.audit.config import INNER_UPDATES, AuditConfig, rollouts_per_step, run_config
 from klsweep.audit.gradients import (
     Batch,
@@ -24,7 +25,6 @@ from klsweep.audit.gradients import (
     variants,
 )
 from klsweep.audit.measure import Figures, exact_figures, sampled_figures
-from klsweep.algos.common import Optimize
 from klsweep.audit.sampling import enumerate_batch, sampled_groups
 from klsweep.kl import masked_sum
 from klsweep.module import KLPolicyModule
@@ -112,7 +112,7 @@ def audit(cfg: DictConfig, config: AuditConfig) -> dict[str, Any]:
                    for name in config.targets}
     rows = []
     for variant in (v for v in variants() if v.unit == "sequence"):
-        group_means = _group_means(lambda b: estimated(pair, variant, b), groups)
+        group_means = _group_means(lambda b, v=variant: estimated(pair, v, b), groups)
         mean = enumerated(estimated(pair, variant, batch)) if exact else None
         for name, target_grad in targets.items():
             figures = (exact_figures(mean, target_grad, group_means, per_group, batch_size)
