@@ -183,11 +183,14 @@ def _loss_term(pair: PolicyPair, old_logp: tuple[float, float] = LOGP):
 
 def test_k2_gradient_keeps_k3_s_value_and_takes_k2_s_gradient():
     model = _model(0)
-    value, grad = _loss_term(_pair(model, model, estimator="k3", gradient="k2"))
+    # without GRPO's default importance correction, which adds k·∇log π of its own
+    value, grad = _loss_term(_pair(model, model, estimator="k3", gradient="k2",
+                                   is_correction=False))
     torch.testing.assert_close(value, torch.tensor(K3))
     torch.testing.assert_close(grad, torch.tensor(L_RATIO))  # d(l²/2)/d log π = l
     # the estimator's own gradient differs: d k3/d log π = 1 − exp(−l)
-    value, grad = _loss_term(_pair(model, model, estimator="k3", gradient="estimator"))
+    value, grad = _loss_term(_pair(model, model, estimator="k3", gradient="estimator",
+                                   is_correction=False))
     torch.testing.assert_close(value, torch.tensor(K3))
     torch.testing.assert_close(grad, torch.tensor([1 - math.exp(-x) for x in L_RATIO]))
 

@@ -22,7 +22,8 @@ BEFORE = Path(__file__).parent / "data" / "before_seam"
 # the last commit before the policy pair and the model seam (a692530)
 BEFORE_COMMIT = "a692530^"
 COMMANDS = {
-    "grpo": ["algo=grpo", "kl.target=0.05", "steps=60"],
+    # kl.is_correction=false: GRPO's default before it followed TRL (README, The KL-gradient audit)
+    "grpo": ["algo=grpo", "kl.target=0.05", "kl.is_correction=false", "steps=60"],
     "ppo": ["algo=ppo", "steps=30"],
     "dpo": ["algo=dpo", "steps=30"],
     "exact": ["task=exact", "algo=grpo", "schedule=fixed", "kl.beta=0.1", "kl.placement=reward",

@@ -77,6 +77,7 @@ class DPOConfig:
     kl_placement: str = spec(kind="choice", choices=("none",),
                              help="none: DPO's β is its own loss's KL coefficient")
     kl_estimator: str = spec(kind="choice", choices=ESTIMATORS, help="estimator of the logged KL")
+    kl_is_correction: bool = spec(kind="bool", help="DPO's (unused: no KL term) kl.is_correction")
     loss: str = spec(kind="choice", choices=LOSSES, help="the preference loss (TRL loss_type)")
     label_smoothing: float = spec(kind="number", ge=0, lt=0.5,
                                   help="ε: cDPO for sigmoid, the known flip rate for robust")

@@ -38,6 +38,7 @@ class GRPOConfig:
     name: str = spec(kind="choice", choices=("grpo",), help="the algorithm")
     kl_placement: str = spec(kind="choice", choices=PLACEMENTS, help="GRPO's kl.placement")
     kl_estimator: str = spec(kind="choice", choices=ESTIMATORS, help="GRPO's kl.estimator")
+    kl_is_correction: bool = spec(kind="bool", help="GRPO's kl.is_correction")
     prompts_per_step: int = spec(kind="integer", ge=1, help="prompts per rollout")
     group_size: int = spec(kind="integer", ge=2, help="completions per prompt (G)")
     scale_rewards: str = spec(kind="choice", choices=SCALE_REWARDS,

@@ -40,6 +40,7 @@ class PPOConfig:
     name: str = spec(kind="choice", choices=("ppo",), help="the algorithm")
     kl_placement: str = spec(kind="choice", choices=PLACEMENTS, help="PPO's kl.placement")
     kl_estimator: str = spec(kind="choice", choices=ESTIMATORS, help="PPO's kl.estimator")
+    kl_is_correction: bool = spec(kind="bool", help="PPO's kl.is_correction")
     prompts_per_step: int = spec(kind="integer", ge=1, help="prompts per rollout")
     samples_per_prompt: int = spec(kind="integer", ge=1, help="completions per prompt")
     ppo_epochs: int = spec(kind="integer", ge=1, help="passes over each rollout")
