@@ -27,8 +27,9 @@ from tests.conftest import run_and_read
      "(allowed: k1, k3)"),
     (["kl.divergence=js", "kl.gradient=k2"],
      "kl.gradient=k2 is a reverse-KL option (kl.divergence=js allows: estimator)"),
-    (["kl.divergence=alpha", "kl.is_correction=true"],
-     "kl.is_correction is a reverse-KL option (kl.divergence=alpha needs it false)"),
+    (["kl.divergence=alpha"],  # GRPO: the KL in the loss, with the correction by default
+     "kl.is_correction is a reverse-KL option of a loss-placed KL, true by default with "
+     "algo=grpo (kl.divergence=alpha needs kl.is_correction=false)"),
 ])
 def test_bad_divergence_settings_fail_in_one_line_before_anything_is_written(
         overrides, message, tmp_path, monkeypatch, capsys):

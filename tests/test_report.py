@@ -228,6 +228,7 @@ def test_exact_json_holds_best_of_n_and_the_reward_kl_figure_draws_it_beside_the
 
     from klsweep.config import choice_config
     from klsweep.exact_math import best_of_n_kl_bound
+    from klsweep.kl.divergences import make_divergence
     from klsweep.models.tiny import TinyGPT
     from klsweep.report.figures import _one_reward, exact_best_of_n
     from klsweep.tasks.exact import ExactTask
@@ -237,7 +238,9 @@ def test_exact_json_holds_best_of_n_and_the_reward_kl_figure_draws_it_beside_the
     torch.manual_seed(0)
     model = TinyGPT(choice_config("model", "tiny", n_layer=1, n_head=2, n_embd=16),
                     task.vocab_size, task.prompt_len + task.max_new_tokens).eval()
-    pair = SimpleNamespace(policy=model, reference=model, initial=None, temperature=1.0)
+    pair = SimpleNamespace(policy=model, reference=model, initial=None, temperature=1.0,
+                           divergence=make_divergence("reverse_kl"),
+                           kl=SimpleNamespace(unit="token"))
     task.evaluate(pair, step=0, beta_seq=0.1)
     task.finalize(pair, tmp_path)
     exact = json.loads((tmp_path / "exact.json").read_text())

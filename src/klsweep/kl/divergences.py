@@ -71,7 +71,7 @@ class Divergence:
         its penalty and loss term are fixed by f′ (their gradient must be ∇D_f), so
         ``kl.estimator`` picks only the value estimate (``k1`` f(u)/u, ``k3`` the
         non-negative one, ``full`` exact per position, token unit only); k2, abs,
-        ``kl.gradient=k2`` and ``kl.is_correction`` are the reverse KL's own."""
+        ``kl.gradient=k2`` and a loss-placed ``kl.is_correction`` are the reverse KL's own."""
         allowed = ("k1", "k3", "full") if kl.unit == f_terms.TOKEN else ("k1", "k3")
         if kl.estimator not in allowed:
             raise ValueError(f"kl.estimator={kl.estimator} cannot estimate "
@@ -80,9 +80,10 @@ class Divergence:
         if kl.gradient != "estimator":
             raise ValueError(f"kl.gradient={kl.gradient} is a reverse-KL option "
                              f"(kl.divergence={self.name} allows: estimator)")
-        if kl.is_correction:
-            raise ValueError(f"kl.is_correction is a reverse-KL option "
-                             f"(kl.divergence={self.name} needs it false)")
+        if kl.is_correction and kl.placement == "loss":  # in the reward it acts on nothing
+            raise ValueError(f"kl.is_correction is a reverse-KL option of a loss-placed KL, "
+                             f"true by default with algo=grpo (kl.divergence={self.name} "
+                             f"needs kl.is_correction=false)")
 
     def _terms(self, kl: Any, logits: Tensor | None, ref_logits: Tensor | None) -> dict:
         return {"unit": kl.unit, "estimator": kl.estimator, "logits": logits,
