@@ -9,7 +9,13 @@ import pytest
 import yaml
 
 from klsweep.report import main
-from klsweep.report.overoptimization import fit_gao, gao_curve, gao_peak, proxy_groups
+from klsweep.report.overoptimization import (
+    fit_gao,
+    gao_curve,
+    gao_peak,
+    peak_text,
+    proxy_groups,
+)
 from klsweep.report.runs import load_run
 
 ALPHA, BETA = 0.5, 0.2  # d* = exp(0.5/0.2 − 1) = e^1.5 ≈ 4.48, KL* = e³ ≈ 20.1
@@ -108,6 +114,21 @@ def test_runs_are_grouped_by_proxy_and_the_run_stopping_nearest_the_peak_is_name
     assert [t.order[0] for t in small.trajectories] == [0.01, 0.03, 0.1]
     # twice α: KL* = e^(2·5 − 2), far beyond the KL reached
     assert large.kl_star == pytest.approx(math.exp(8)) and large.kl_star > large.max_kl
+
+
+def test_a_fit_without_a_peak_in_the_measured_range_is_titled_by_the_largest_kl(tmp_path):
+    _sweep(tmp_path)
+    small, large = proxy_groups([load_run(tmp_path / str(i)) for i in range(6)])
+    # the peak at KL* = e³ ≈ 20.1 lies within the KLs reached (up to 36): it is stated
+    assert small.peaks_within_data and peak_text(small) == "KL* = 20.1 nats/sequence"
+    # KL* = e⁸ ≈ 2981 is far beyond 36: only what was measured is stated
+    assert not large.peaks_within_data
+    assert peak_text(large) == "rising through KL = 36 nats/sequence"
+    assert main([str(tmp_path)]) == 0
+    rows = [line for line in (tmp_path / "report.md").read_text().splitlines()
+            if line.startswith("| grpo · exact | 1024 |")]
+    assert len(rows) == 3
+    assert all(row.endswith("| rising through KL = 36 nats/sequence |") for row in rows)
 
 
 def test_the_report_writes_the_figure_and_prints_the_fit_per_proxy(tmp_path, caplog):
