@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +23,7 @@ from klsweep.rollout import (
     token_entropy,
     token_logprobs,
 )
-from klsweep.schema import ConfigError, check_node, from_node, spec
+from klsweep.schema import ConfigError, from_node, spec
 
 PLACEMENTS = ("reward", "loss", "none")
 UNITS = ("token", "sequence")
@@ -65,10 +64,6 @@ class KLConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.reference, ReferenceSync):
             object.__setattr__(self, "reference", from_node(ReferenceSync, self.reference))
-
-    @staticmethod
-    def check_run(cfg: Any) -> None:
-        check_node("kl.reference", cfg.kl.reference, ReferenceSync)
 
 
 @dataclass
