@@ -95,12 +95,12 @@ def test_help_lists_every_option_with_the_help_line_its_dataclass_declares(algo,
                                                                            capsys):
     from dataclasses import fields
 
-    from klsweep.config import _node_schemas, compose_and_validate
+    from klsweep.config import compose_and_validate, node_schemas
 
     monkeypatch.setattr(sys, "argv", ["klsweep", f"algo={algo}", "--help"])
     main()
     out = capsys.readouterr().out
-    for node, schema in _node_schemas(compose_and_validate({"algo": algo})):
+    for node, schema in node_schemas(compose_and_validate({"algo": algo})):
         for f in fields(schema):
             assert f.metadata.get("help"), f"{schema.__name__}.{f.name} has no help line"
             key = f"{node}.{f.name}" if node else f.name

@@ -13,8 +13,7 @@ from klsweep.report.overoptimization import (
     fit_gao,
     gao_curve,
     gao_peak,
-    markdown_lines,
-    peak_label,
+    peak_text,
     proxy_groups,
 )
 from klsweep.report.runs import load_run
@@ -117,14 +116,19 @@ def test_runs_are_grouped_by_proxy_and_the_run_stopping_nearest_the_peak_is_name
     assert large.kl_star == pytest.approx(math.exp(8)) and large.kl_star > large.max_kl
 
 
-def test_a_peak_past_the_measured_kl_is_not_printed_as_a_kl_star(tmp_path):
+def test_a_fit_without_a_peak_in_the_measured_range_is_titled_by_the_largest_kl(tmp_path):
     _sweep(tmp_path)
     small, large = proxy_groups([load_run(tmp_path / str(i)) for i in range(6)])
-    assert peak_label(small) == "KL* = 20.1 nats/sequence"
-    # the fit's own peak, e^8 ≈ 2981, lies far past the 36 nats the runs reached
-    assert peak_label(large) == "rising through KL = 36 nats/sequence"
-    text = "\n".join(markdown_lines([small, large]))
-    assert "2.98e+03" not in text and "| rising through KL = 36 nats/sequence |" in text
+    # the peak at KL* = e³ ≈ 20.1 lies within the KLs reached (up to 36): it is stated
+    assert small.peaks_within_data and peak_text(small) == "KL* = 20.1 nats/sequence"
+    # KL* = e⁸ ≈ 2981 is far beyond 36: only what was measured is stated
+    assert not large.peaks_within_data
+    assert peak_text(large) == "rising through KL = 36 nats/sequence"
+    assert main([str(tmp_path)]) == 0
+    rows = [line for line in (tmp_path / "report.md").read_text().splitlines()
+            if line.startswith("| grpo · exact | 1024 |")]
+    assert len(rows) == 3
+    assert all(row.endswith("| rising through KL = 36 nats/sequence |") for row in rows)
 
 
 def test_the_report_writes_the_figure_and_prints_the_fit_per_proxy(tmp_path, caplog):

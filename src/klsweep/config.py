@@ -7,7 +7,7 @@ module finds them through the registries, and declares only the run-level nodes 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from klsweep.kl import SCHEDULES
 from klsweep.kl.schedules import _accepted_arguments
 from klsweep.models import MODELS
 from klsweep.policy import KLConfig
-from klsweep.schema import ConfigError, check_node, check_value, describe, from_node, spec
+from klsweep.schema import ConfigError, check_nodes, describe, from_node, spec
 from klsweep.tasks import TASKS
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -136,22 +136,27 @@ def logger_schema(node: Any) -> type | None:
                           f"(got {describe(target)})") from None
 
 
-def _check_schedule(kl: DictConfig) -> None:
-    schedule = kl.schedule
-    name = schedule.get("name")
+def schedule_schema(node: Any) -> type:
+    """The dataclass of a ``kl.schedule`` node: its name, and one number per argument of
+    the schedule it names beyond the kl node's own (``_KL_SCHEDULE_ARGS``), read from the
+    schedule's class so that a schedule declares its options once."""
+    name = node.get("name") if isinstance(node, (dict, DictConfig)) else None
     if name not in SCHEDULES:
         raise ConfigError(f"kl.schedule.name must be one of {', '.join(SCHEDULES)} "
                           f"(got {describe(name)})")
-    cls = SCHEDULES[name]
-    accepted = _accepted_arguments(cls) - set(_KL_SCHEDULE_ARGS)
-    for key, value in schedule.items():
-        if key == "name":
-            continue
-        if key not in accepted:
-            raise ConfigError(f"kl.schedule.{key} is not an option of schedule={name} "
-                              f"(allowed: {', '.join(sorted(accepted)) or 'none'})")
-        check_value(f"kl.schedule.{key}", value, {"kind": "number"})
-    if cls.needs_target and not kl.target > 0:
+    accepted = sorted(_accepted_arguments(SCHEDULES[name]) - set(_KL_SCHEDULE_ARGS))
+    options = [(arg, float, spec(None, kind="number", help=f"schedule={name}'s {arg}"))
+               for arg in accepted]
+    return make_dataclass(
+        f"{SCHEDULES[name].__name__}Config",
+        [("name", str, spec(kind="choice", choices=tuple(SCHEDULES), help="the β schedule")),
+         *options], namespace={"check_run": staticmethod(_check_schedule)})
+
+
+def _check_schedule(cfg: DictConfig) -> None:
+    kl = cfg.kl
+    name = kl.schedule.name
+    if SCHEDULES[name].needs_target and not kl.target > 0:
         raise ConfigError(f"kl.target must be > 0 for schedule={name} (got {kl.target})")
     if kl.beta_min > kl.beta_max:
         raise ConfigError(f"kl.beta_min must be <= kl.beta_max "
@@ -176,14 +181,25 @@ def choice_key(group: str) -> str:
     return "kind" if group == "model" else "name"
 
 
-def _check_choice_node(key: str, node: Any, schemas: dict[str, type]) -> type:
-    field_name = choice_key(key)
-    name = node.get(field_name) if isinstance(node, (dict, DictConfig)) else None
+def _choice_schema(group: str, node: Any) -> type:
+    """The dataclass of the choice a group's node names; a name that is none of them fails
+    in one line."""
+    schemas, key = CHOICE_NODES[group], choice_key(group)
+    name = node.get(key) if isinstance(node, (dict, DictConfig)) else None
     if name not in schemas:
-        raise ConfigError(f"{key}.{field_name} must be one of {', '.join(schemas)} "
+        raise ConfigError(f"{group}.{key} must be one of {', '.join(schemas)} "
                           f"(got {describe(name)})")
-    check_node(key, node, schemas[name])
     return schemas[name]
+
+
+def node_schemas(cfg: DictConfig) -> list[tuple[str, type]]:
+    """(node, dataclass) for every node of a composed run config, '' the run's own values:
+    what validation checks and ``--help`` shows, resolved once."""
+    chosen = [(group, _choice_schema(group, cfg[group])) for group in CHOICE_NODES]
+    logger = logger_schema(cfg.logger)
+    return [("", RunConfig), *chosen, *RUN_NODES.items(),
+            ("kl.schedule", schedule_schema(cfg.kl.schedule)),
+            *([("logger", logger)] if logger is not None else [])]
 
 
 def validate(cfg: DictConfig) -> None:
@@ -192,26 +208,11 @@ def validate(cfg: DictConfig) -> None:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except Exception as err:  # an interpolation or ??? left unfilled
         raise ConfigError(str(err).splitlines()[0]) from None
-    run_keys = [f.name for f in fields(RunConfig)]
-    known = {*run_keys, *RUN_NODES, *CHOICE_NODES, "logger", "hydra"}
+    known = {*(f.name for f in fields(RunConfig)), *RUN_NODES, *CHOICE_NODES, "logger", "hydra"}
     for key in cfg:
         if key not in known:
             raise ConfigError(f"{key} is not a known key (allowed: {', '.join(sorted(known))})")
-    for f in fields(RunConfig):
-        check_value(f.name, cfg[f.name], dict(f.metadata))
-    chosen = [_check_choice_node(group, cfg[group], schemas)
-              for group, schemas in CHOICE_NODES.items()]
-    for key, schema in RUN_NODES.items():
-        check_node(key, cfg[key], schema)
-    chosen += RUN_NODES.values()
-    _check_schedule(cfg.kl)
-    logger = logger_schema(cfg.logger)
-    if logger is not None:
-        check_node("logger", {k: v for k, v in cfg.logger.items() if k != "_target_"}, logger)
-    for schema in chosen:
-        check_run = getattr(schema, "check_run", None)
-        if check_run is not None:  # checks that span several keys of the config
-            check_run(cfg)
+    check_nodes(cfg, node_schemas(cfg))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,24 +301,15 @@ def choice_config(group: str, choice: str, **overrides: Any) -> Any:
     return from_node(CHOICE_NODES[group][choice], OmegaConf.to_container(node, resolve=True))
 
 
-def _node_schemas(cfg: DictConfig) -> list[tuple[str, type]]:
-    """(node, dataclass) for every node of a composed run config that has one."""
-    chosen = [(group, CHOICE_NODES[group][cfg[group][choice_key(group)]])
-              for group in CHOICE_NODES]
-    logger = logger_schema(cfg.logger)
-    return [("", RunConfig), *RUN_NODES.items(), *chosen,
-            *([("logger", logger)] if logger is not None else [])]
-
-
 def options_help(cfg: DictConfig, conf_dir: Path = CONF_DIR) -> str:
     """``--help``: the config groups and their choices, then every option of the composed
     config with its value and its help line, read from the same dataclasses that validate."""
     lines = ["== Config groups (group=choice) =="]
     lines += [f"  {group}: {', '.join(choices)}"
               for group, choices in config_groups(conf_dir).items()]
-    for node, schema in _node_schemas(cfg):
+    for node, schema in node_schemas(cfg):
         lines.append(f"\n== {node or 'run'} ==")
-        values = cfg[node] if node else cfg
+        values = OmegaConf.select(cfg, node) if node else cfg
         for f in fields(schema):
             key = f"{node}.{f.name}" if node else f.name
             value = OmegaConf.select(values, f.name) if f.name in values else None

@@ -182,6 +182,24 @@ def exact_metrics(logp: Table, ref_logp: Table, reward: Table,
     }
 
 
+# τ = 1/β of the closed-form curves the report draws: the reference (0), then 10^-2 … 10^4
+# in steps of 12%, then the argmax policy (∞); fine enough that interpolating between two
+# points is within 1% (tests/test_report.py)
+TAU_GRID = (0.0, *np.logspace(-2, 4, 120).tolist(), math.inf)
+
+
+def tilted_curve(ref_logp: Table, tilt: Table,
+                 measured: Sequence[Table]) -> tuple[Table, list[Table]]:
+    """π*_τ ∝ π_ref·exp(τ·tilt) over ``TAU_GRID``: its mean sequence KL [K] and, for each
+    table of ``measured``, its mean expected value [K] (over prompts)."""
+    kl, values = [], []
+    for tau in TAU_GRID:
+        logp = tilted_logp(ref_logp, tilt, tau)
+        kl.append(float(sequence_kl(logp, ref_logp).mean()))
+        values.append([float(expected_reward(logp, table).mean()) for table in measured])
+    return np.asarray(kl), list(np.asarray(values).T)
+
+
 def best_of_n_logp(ref_logp: Table, reward: Table, n: int) -> Table:
     """log π_bon(y|x) [X, Y]: the law of the highest-reward completion among n i.i.d. draws
     from π_ref (-inf where it is zero).

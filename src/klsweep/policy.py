@@ -32,7 +32,7 @@ from klsweep.rollout import (
     token_entropy,
     token_logprobs,
 )
-from klsweep.schema import ConfigError, check_node, from_node, spec
+from klsweep.schema import ConfigError, from_node, spec
 
 PLACEMENTS = ("reward", "loss", "none")
 UNITS = ("token", "sequence")
@@ -80,7 +80,6 @@ class KLConfig:
 
     @staticmethod
     def check_run(cfg: Any) -> None:
-        check_node("kl.reference", cfg.kl.reference, ReferenceSync)
         if cfg.kl.placement == "none":
             return  # nothing is penalised: the estimator only measures
         try:

@@ -7,7 +7,9 @@ config here without an import cycle."""
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, field, fields
+import sys
+from collections.abc import Sequence
+from dataclasses import MISSING, field, fields, is_dataclass
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, ListConfig
@@ -75,13 +77,14 @@ def check_value(key: str, value: Any, meta: dict[str, Any]) -> None:
 
 
 def check_node(prefix: str, node: Any, schema: type) -> None:
-    """Check every field of ``node`` against the dataclass ``schema``: no unknown keys,
-    no missing keys, every value of the right kind and range."""
+    """Check every field of ``node`` against the dataclass ``schema``: no unknown keys (but
+    Hydra's ``_target_``), no missing keys, every value of the right kind and range; a
+    field typed by a dataclass is a node checked against it in turn."""
     if not isinstance(node, (dict, DictConfig)):
         raise ConfigError(f"{prefix} must be a config node (got {describe(node)})")
     names = [f.name for f in fields(schema)]
     for key in node:
-        if key not in names:
+        if key not in names and key != "_target_":
             raise ConfigError(f"{prefix}.{key} is not a known key "
                               f"(allowed under {prefix}: {', '.join(names)})")
     for f in fields(schema):
@@ -90,5 +93,37 @@ def check_node(prefix: str, node: Any, schema: type) -> None:
                 raise ConfigError(f"{prefix}.{f.name} is missing")
             continue
         check_value(f"{prefix}.{f.name}", node[f.name], dict(f.metadata))
+        inner = _dataclass_type(schema, f.type)
+        if inner is not None:
+            check_node(f"{prefix}.{f.name}", node[f.name], inner)
 
 
+def _dataclass_type(schema: type, annotation: Any) -> type | None:
+    """The dataclass a field's annotation names (a string under ``from __future__ import
+    annotations``, looked up where ``schema`` is defined); None for any other type."""
+    if isinstance(annotation, str):
+        annotation = vars(sys.modules[schema.__module__]).get(annotation)
+    return annotation if isinstance(annotation, type) and is_dataclass(annotation) else None
+
+
+def check_nodes(cfg: Any, schemas: Sequence[tuple[str, type]]) -> None:
+    """Check a whole config in one descent: the node at each dotted key of ``schemas``
+    against its dataclass ('' is the root's own fields), then every dataclass's
+    ``check_run(cfg)``, the checks that span several keys."""
+    for key, schema in schemas:
+        if key:
+            check_node(key, _select(cfg, key), schema)
+        else:
+            for f in fields(schema):
+                check_value(f.name, cfg[f.name], dict(f.metadata))
+    for _, schema in schemas:
+        check_run = getattr(schema, "check_run", None)
+        if check_run is not None:
+            check_run(cfg)
+
+
+def _select(cfg: Any, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node

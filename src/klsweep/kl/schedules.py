@@ -230,5 +230,7 @@ def _accepted_arguments(cls: type[Schedule]) -> set[str]:
     for klass in cls.__mro__:
         if "__init__" in vars(klass):
             params = inspect.signature(klass.__init__).parameters
-            names |= {p for p, v in params.items() if v.kind is not v.VAR_KEYWORD}
+            # object.__init__'s *args and **kwargs are no options
+            names |= {p for p, v in params.items()
+                      if v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL)}
     return (names - {"self"}) | {"beta_min", "beta_max"}

@@ -170,20 +170,15 @@ def pareto_front(kl: Sequence[float], reward: Sequence[float]) -> tuple[np.ndarr
     return np.asarray(front_kl, dtype=float), np.asarray(front_reward, dtype=float)
 
 
-def exact_frontier(exact: dict[str, Any], completion_len: int,
-                   n_points: int = 120) -> tuple[np.ndarray, np.ndarray]:
+def exact_frontier(exact: dict[str, Any], completion_len: int) -> tuple[np.ndarray, np.ndarray]:
     """The closed-form reward–KL frontier of the exact task from a run's exact.json: π_β*
-    ∝ π_ref·exp(r/β) over a log grid of 1/β, KL per token (sequence KL / completion_len)."""
-    from klsweep.exact_math import expected_reward, sequence_kl, tilted_logp
+    ∝ π_ref·exp(r/β) over the grid of 1/β, KL per token (sequence KL / completion_len)."""
+    from klsweep.exact_math import tilted_curve
 
     ref_logp = np.asarray([p["ref_logp"] for p in exact["prompts"]], dtype=np.float64)
     reward = np.asarray([p["reward"] for p in exact["prompts"]], dtype=np.float64)
-    kls, rewards = [], []
-    for inverse_beta in [0.0, *np.logspace(-2, 4, n_points), math.inf]:
-        logp = tilted_logp(ref_logp, reward, float(inverse_beta))
-        kls.append(float(sequence_kl(logp, ref_logp).mean()) / completion_len)
-        rewards.append(float(expected_reward(logp, reward).mean()))
-    return np.asarray(kls), np.asarray(rewards)
+    kl, (mean_reward,) = tilted_curve(ref_logp, reward, [reward])
+    return kl / completion_len, mean_reward
 
 
 def exact_best_of_n(exact: dict[str, Any], completion_len: int,

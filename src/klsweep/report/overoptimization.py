@@ -112,6 +112,11 @@ class ProxyGroup:
         return max((float(np.nanmax(t.kl)) for t in self.trajectories if len(t.kl)),
                    default=math.nan)
 
+    @property
+    def peaks_within_data(self) -> bool:
+        """Whether the fitted curve turns down within the KLs the runs reached."""
+        return self.kl_star <= self.max_kl
+
 
 def _tables(exact: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(log π_ref, proxy reward, gold reward) [X, Y] of a proxy run's exact.json."""
@@ -163,21 +168,14 @@ def trajectory(run: Any) -> Trajectory | None:
                       - gold_raw[0])
 
 
-def exact_proxy_optimum(exact: dict[str, Any], n_points: int = 80,
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """KL per sequence, gold and proxy reward gains of π*_β ∝ π_ref·exp(r_proxy/β) over a
-    log grid of 1/β: what a perfect optimiser of the proxy objective reaches, from exact.json
+def exact_proxy_optimum(exact: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """KL per sequence, gold and proxy reward gains of π*_β ∝ π_ref·exp(r_proxy/β) over the
+    grid of 1/β: what a perfect optimiser of the proxy objective reaches, from exact.json
     alone (the exact task with the proxy)."""
-    from klsweep.exact_math import expected_reward, sequence_kl, tilted_logp
+    from klsweep.exact_math import tilted_curve
 
     ref, proxy, gold = _tables(exact)
-    points = []
-    for inverse_beta in [0.0, *np.logspace(-2, 3, n_points), math.inf]:
-        logp = tilted_logp(ref, proxy, float(inverse_beta))
-        points.append((float(sequence_kl(logp, ref).mean()),
-                       float(expected_reward(logp, gold).mean()),
-                       float(expected_reward(logp, proxy).mean())))
-    kl, gold_mean, proxy_mean = map(np.asarray, zip(*points, strict=True))
+    kl, (gold_mean, proxy_mean) = tilted_curve(ref, proxy, [gold, proxy])
     return kl, gold_mean - gold_mean[0], proxy_mean - proxy_mean[0]
 
 
@@ -214,11 +212,13 @@ def _fmt(value: float, digits: int = 3) -> str:
     return f"{value:.{digits}g}" if math.isfinite(value) else ("∞" if value > 0 else "–")
 
 
-def peak_label(group: ProxyGroup) -> str:
-    """The fitted peak as a panel title states it: KL* only where it lies inside the measured
-    KL range; past it the fit is an extrapolation (KL* = 2.7e+05 from runs that reached 20),
-    so the title says how far the data goes instead."""
-    if group.kl_star <= group.max_kl:
+def peak_text(group: ProxyGroup) -> str:
+    """The fit's peak as a title or a table states it: KL* where it lies within the KLs
+    measured; else what was measured, the fit rising through the largest of them (a KL*
+    beyond the data is an extrapolation, e^(2α/β − 2), and can be astronomically large)."""
+    if math.isnan(group.d_star):
+        return "too few points to fit"
+    if group.peaks_within_data:
         return f"KL* = {_fmt(group.kl_star)} nats/sequence"
     return f"rising through KL = {_fmt(group.max_kl)} nats/sequence"
 
@@ -232,9 +232,11 @@ def verdict(group: ProxyGroup, bold: bool = True) -> str:
         return head + "; too few points to fit."
     best = group.closest
     name = "" if best is None else (f"**{best.label}**" if bold else best.label)
-    if not group.kl_star <= group.max_kl:
+    if not group.peaks_within_data:
         text = (f"{head}; the fitted gold reward still rises at the largest KL reached "
                 f"({_fmt(group.max_kl)} nats/sequence): no peak within it")
+        if math.isfinite(group.d_star):
+            text += f" (the fit's own, at KL* = {_fmt(group.kl_star)}, is extrapolated)"
         if best is not None:
             text += (f"; {name} ended farthest out, at KL {_fmt(best.final_kl)} with gold gain "
                      f"{_fmt(best.final_gold)}")
@@ -257,12 +259,12 @@ def markdown_lines(groups: Sequence[ProxyGroup]) -> list[str]:
              "(α, β: Gao et al.'s coefficients, not the KL coefficient.)", ""]
     lines += [f"* {verdict(g)}" for g in groups]
     lines += ["", "| group | pairs | run | final KL (nats/seq) | final gold gain | "
-              "final proxy gain | peak of the fit |", "|---|---|---|---|---|---|---|"]
+              "final proxy gain | the fit's peak |", "|---|---|---|---|---|---|---|"]
     for g in groups:
         for t in g.trajectories:
             lines.append(f"| {g.panel} | {g.pairs} | {t.label} | {_fmt(t.final_kl)} | "
                          f"{_fmt(t.final_gold)} | {_fmt(float(t.proxy[-1]))} | "
-                         f"{peak_label(g)} |")
+                         f"{peak_text(g)} |")
     return lines + [""]
 
 
@@ -301,7 +303,7 @@ def plot_overoptimization(groups: Sequence[ProxyGroup], path: Path) -> None:
                                 label="its peak d* = exp(α/β − 1)")
         gold_ax.set_title(f"{group.panel} · task.proxy.pairs={group.pairs}\n"
                           f"α = {_fmt(group.alpha)}, β = {_fmt(group.beta)}, "
-                          f"{peak_label(group)}", fontsize=10)
+                          f"{peak_text(group)}", fontsize=10)
         gold_ax.set_ylabel("gold reward gain over the reference")
         proxy_ax.set_ylabel("proxy reward gain over the reference")
         proxy_ax.set_xlabel("d = √KL(π‖π_ref) [√nats per sequence]")
