@@ -55,7 +55,7 @@ VLLM_MISSING = importlib.util.find_spec("vllm") is None
     (["rollout.engine=foo"], "rollout.engine must be one of native, vllm (got 'foo')"),
     (["rollout.engine=vllm"], "rollout.engine=vllm needs model=hf, a transformers model vLLM "
                               "can load (got model=tiny)"),
-    (["rollout.engine=vllm", "model=hf", "task=text", "task.prompts=prompts.jsonl"],
+    (["rollout.engine=vllm", "model=hf"],
      "rollout.engine=vllm needs model.name, a checkpoint vLLM loads"),
     (["rollout.tis_cap=0"], "rollout.tis_cap must be a number > 0 (got 0)"),
     (["rollout.sync_every=0"], "rollout.sync_every must be an integer >= 1 (got 0)"),
@@ -67,6 +67,8 @@ VLLM_MISSING = importlib.util.find_spec("vllm") is None
 def test_bad_rollout_input_fails_in_one_line_before_anything_is_written(
         overrides, message, tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "run"
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "The movie was"}\n')
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["klsweep", *overrides, f"hydra.run.dir={run_dir}"])
     with pytest.raises(SystemExit) as exit_info:
         main()
