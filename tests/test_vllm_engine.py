@@ -133,6 +133,7 @@ def test_an_architecture_vllm_lacks_fails_before_training_in_one_line(arch, prom
                                                                       tmp_path):
     model_dir = save_llama(tmp_path / "model", arch)
     result = run_klsweep(*VLLM_RUN, f"model.name={model_dir}", f"task.prompts={prompt_file}",
+                         "model.attn_implementation=eager",  # GPT-Neo has no sdpa
                          "logger=none", f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 2
     error = result.stderr.strip().splitlines()[-1]
