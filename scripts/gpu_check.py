@@ -27,7 +27,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from klsweep.bench import PhaseClock, SpeedTask, timed_phases
+from klsweep.bench.run import SpeedTask
+from klsweep.bench.timing import PhaseClock, timed_phases
 from klsweep.config import choice_config, compose_and_validate
 from klsweep.models.hf_build import build_hf
 from klsweep.train import build_module

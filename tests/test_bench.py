@@ -10,14 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
-from klsweep import bench
+from klsweep.bench import cli, flops, roofline, timing
 
 
 def test_one_linear_layer_counts_2mkn_forward_and_twice_that_backward():
     M, C = 40, 16
     layer = nn.Linear(C, 3 * C)
     x = torch.randn(M, C, requires_grad=True)
-    counted = bench.PhaseFlops()
+    counted = flops.PhaseFlops()
     with counted:
         with counted.clock.phase("policy.forward"):
             y = layer(x)
@@ -34,7 +34,7 @@ def test_cpu_attention_counts_as_torch_formulas_and_its_gemms_sum_to_them():
     q = torch.randn(2, 4, 6, 8, requires_grad=True)
     k = torch.randn(2, 4, 6, 8, requires_grad=True)
     v = torch.randn(2, 4, 6, 8, requires_grad=True)
-    counted = bench.PhaseFlops()
+    counted = flops.PhaseFlops()
     with counted:
         with counted.clock.phase("reference"):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -51,8 +51,8 @@ def test_cpu_attention_counts_as_torch_formulas_and_its_gemms_sum_to_them():
 
 def test_nested_phases_count_each_second_once(monkeypatch):
     now = iter([0.0, 1.0, 3.0, 4.0])  # enter outer, enter inner, leave inner, leave outer
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(now))
-    clock = bench.PhaseClock()
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(now))
+    clock = timing.PhaseClock()
     with clock.phase("sampling"):
         assert clock.current == "sampling"
         with clock.phase("reference"):
@@ -63,10 +63,10 @@ def test_nested_phases_count_each_second_once(monkeypatch):
 
 
 def test_the_roofline_times_each_counted_shape_once():
-    counted = bench.PhaseFlops()
+    counted = flops.PhaseFlops()
     counted.flops.update({"policy.forward": 2 * 3 * 8 * 4 * 5})
     counted.gemms["policy.forward"].update({(1, 8, 4, 5): 3})
-    roof = bench.roofline(counted)
+    roof = roofline.roofline(counted)
     assert roof["policy.forward"]["flops"] == 2 * 3 * 8 * 4 * 5
     assert roof["policy.forward"]["roofline_s"] > 0
 
@@ -79,14 +79,14 @@ SMALL = {"grpo": ["algo.prompts_per_step=2", "algo.group_size=2"],
 
 @pytest.mark.parametrize("algo", sorted(SMALL))
 def test_json_prints_throughput_roofline_memory_and_every_phase(algo, capsys):
-    bench.main(["--algo", algo, "--steps", "2", "--warmup", "1", "--threads", "1", "--json",
+    cli.main(["--algo", algo, "--steps", "2", "--warmup", "1", "--threads", "1", "--json",
                 *SMALL[algo]])
     record = json.loads(capsys.readouterr().out)
     for key in ("tokens_per_s", "pairs_per_s", "step_ms", "step_ms_median", "peak_memory_mib",
                 "gflop_per_step", "roofline_ms", "roofline_fraction", "load_average"):
         assert record[key] >= 0, key
     assert record["steps"] == 2 and record["threads"] == 1
-    assert set(record["phases"]) == set(bench.PHASES)
+    assert set(record["phases"]) == set(timing.PHASES)
     assert record["gflop_per_step"] > 0 and record["roofline_fraction"] > 0
     assert record["phases"]["sampling"]["gflop"] > 0
     assert record["phases"]["policy.backward"]["gflop"] > 0
@@ -98,10 +98,10 @@ def test_json_prints_throughput_roofline_memory_and_every_phase(algo, capsys):
 
 
 def test_the_human_summary_names_the_rate_the_roofline_and_the_phases(capsys):
-    bench.main(["--steps", "1", "--warmup", "1", "--threads", "1", *SMALL["grpo"]])
+    cli.main(["--steps", "1", "--warmup", "1", "--threads", "1", *SMALL["grpo"]])
     out = capsys.readouterr().out
     assert "generated tokens/s" in out and "% of the roofline" in out
-    for phase in bench.PHASES:
+    for phase in timing.PHASES:
         assert phase in out
 
 
@@ -118,9 +118,9 @@ class _Module:
 
 def test_the_seams_time_the_pair_and_are_gone_after_the_run(monkeypatch):
     now = iter(range(100))
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(now)))
-    module, clock = _Module(), bench.PhaseClock()
-    with bench.timed_phases(module, clock):
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: float(next(now)))
+    module, clock = _Module(), timing.PhaseClock()
+    with timing.timed_phases(module, clock):
         assert module.pair.sample() == "sampled" and module.manual_backward() == "backward"
         assert "sample" in vars(module.pair)
     assert clock.take() == {"sampling": 1.0, "policy.backward": 1.0}

@@ -10,14 +10,9 @@ import math
 import pytest
 import torch
 
-from klsweep.algos.dpo import (
-    bradley_terry_labels,
-    deterministic_labels,
-    dpo_loss,
-    order_pairs,
-    sequence_logratio,
-)
+from klsweep.algos.dpo import dpo_loss, order_pairs, sequence_logratio
 from klsweep.config import ConfigError, compose_and_validate
+from klsweep.preferences import bradley_terry_labels, deterministic_labels
 from tests.conftest import run_and_read
 
 

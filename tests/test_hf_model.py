@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from klsweep.config import CONF_DIR
 from klsweep.models.hf import AdapterDisabled, HFCausalLM, save_adapter
-from klsweep.models.hf_build import HFModelConfig, build_hf, check_model, load_tokenizer
+from klsweep.models.hf_build import build_hf, load_tokenizer
 from klsweep.models.reference import ReferenceRecipe
 from klsweep.rollout import (
     Prompts,
@@ -20,7 +20,6 @@ from klsweep.rollout import (
     generate,
     token_logprobs,
 )
-from klsweep.schema import ConfigError
 
 PROMPT_LEN, NEW_TOKENS = 6, 5
 
@@ -38,6 +37,11 @@ class StandInTask:
 
     def reference_recipe(self) -> ReferenceRecipe | None:
         return self.recipe
+
+
+def hf_node(**keys):
+    """conf/model/hf.yaml with ``keys`` over it."""
+    return OmegaConf.merge(OmegaConf.load(CONF_DIR / "model" / "hf.yaml"), keys)
 
 
 @pytest.fixture(scope="module")
@@ -373,90 +377,6 @@ def test_init_weights_draws_from_the_global_generator(checkpoints):
     first = draw(0)
     torch.testing.assert_close(draw(0), first, rtol=0, atol=0)
     assert not torch.equal(draw(1), first)
-
-
-# --- (f) one-line errors before training ------------------------------------------------------
-
-def hf_node(**keys):
-    """conf/model/hf.yaml with ``keys`` over it."""
-    return OmegaConf.merge(OmegaConf.load(CONF_DIR / "model" / "hf.yaml"), keys)
-
-
-def assert_one_line(err: pytest.ExceptionInfo, *parts: str) -> None:
-    message = str(err.value)
-    assert "\n" not in message
-    for part in parts:
-        assert part in message, message
-
-
-@pytest.mark.parametrize("keys, accelerator, parts", [
-    ({"name": "/no/such/model"}, "cpu",
-     ["model.name='/no/such/model'", "no such directory", "hub id"]),
-    ({"name": "./models/mine"}, "cpu", ["model.name='./models/mine'", "directory"]),
-    ({"name": "not a hub id!"}, "cpu", ["model.name='not a hub id!'", "hub id"]),
-    ({"arch": "mamba"}, "cpu", ["model.arch", "gpt2, llama, qwen2", "'mamba'"]),
-    ({"dtype": "float16"}, "cpu", ["model.dtype=float16", "float32, bfloat16"]),
-    ({"attn_implementation": "flash_attention_2"}, "cpu",
-     ["model.attn_implementation=flash_attention_2", "sdpa, eager"]),
-    ({"n_embd": 30}, "cpu", ["model.n_embd", "model.n_head", "30"]),
-    ({"reference_name": "gpt2"}, "cpu", ["model.reference_name='gpt2'",
-                                               "model.name"]),
-    ({"lora": {"r": 8, "dropout": 0.1}}, "cpu", ["model.lora.dropout", "disable_dropout", "0.1"]),
-    ({"lora": {"rank": 8}}, "cpu", ["model.lora.rank", "r, alpha, dropout, target_modules"]),
-    ({"lora": {"target_modules": 3}}, "cpu", ["model.lora.target_modules", "3"]),
-])
-def test_check_model_names_the_key_the_value_and_what_is_allowed(keys, accelerator, parts):
-    with pytest.raises(ConfigError) as err:
-        check_model(hf_node(**keys), accelerator)
-    assert_one_line(err, *parts)
-
-
-def test_check_model_accepts_a_local_checkpoint_and_gpu_only_settings_on_gpu(checkpoints):
-    check_model(hf_node(name=checkpoints["gpt2"], lora={"r": 4}), "cpu")
-    check_model(hf_node(dtype="float16", attn_implementation="flash_attention_2"), "gpu")
-
-
-def test_a_directory_without_config_and_an_uncached_hub_id_offline(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
-    with pytest.raises(ConfigError) as err:
-        check_model(hf_node(name=str(tmp_path)), "cpu")
-    assert_one_line(err, str(tmp_path), "config.json")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(ConfigError) as err:
-        check_model(hf_node(name="someone/uncached-model"), "cpu")
-    assert_one_line(err, "model.name='someone/uncached-model'", "HF_HUB_OFFLINE")
-
-
-def test_the_run_check_reads_the_trainer_accelerator_and_the_task():
-    cfg = OmegaConf.create({"model": hf_node(dtype="float16"),
-                            "trainer": {"accelerator": "cpu"}, "task": {"name": "digits"},
-                            "kl": {"reference": {"sync_every": 0}}})
-    with pytest.raises(ConfigError, match="model.dtype=float16"):
-        HFModelConfig.check_run(cfg)
-    cfg.model.dtype, cfg.task.name = "float32", "text"
-    with pytest.raises(ConfigError) as err:
-        HFModelConfig.check_run(cfg)
-    assert_one_line(err, "model.name=null", "task=text")
-
-
-def test_build_errors_are_one_line(checkpoints, tmp_path):
-    with pytest.raises(ConfigError) as err:
-        build(checkpoints["gpt2"], lora={"target_modules": ["q_proj"]})
-    assert_one_line(err, "model.lora.target_modules has q_proj", "c_attn")
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_text("{}")
-    with pytest.raises(ConfigError) as err:
-        build(str(broken))
-    assert_one_line(err, f"model.name={str(broken)!r} could not be loaded")
-    with pytest.raises(ConfigError) as err:
-        build(checkpoints["gpt2"], StandInTask(name="digits", recipe=counting_recipe("x")))
-    assert_one_line(err, "task=digits", "model.name=null")
-    with pytest.raises(ConfigError) as err:
-        build_hf(hf_node(), StandInTask())
-    assert_one_line(err, "task=text has none", "model.name")
 
 
 # --- chunked log-probs --------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from hydra.core.utils import JobStatus
 from hydra.types import HydraContext, RunMode
 from omegaconf import DictConfig
 
+from hydra_plugins.klsweep_local._placement import PlacementError, device_slots
 from hydra_plugins.klsweep_local.klsweep_local_launcher import KLSweepLocalLauncher
 from klsweep.config import CONF_DIR
 
@@ -34,11 +35,12 @@ def launcher_for(tmp_path: Path) -> Iterator[Callable[..., KLSweepLocalLauncher]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
 
-        def make(task: Callable[[DictConfig], Any], n_jobs: int) -> KLSweepLocalLauncher:
+        def make(task: Callable[[DictConfig], Any], n_jobs: int | None,
+                 overrides: Sequence[str] = (), **options: Any) -> KLSweepLocalLauncher:
             config = loader.load_configuration(
-                "config", overrides=["logger=none", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-                run_mode=RunMode.MULTIRUN)
-            launcher = KLSweepLocalLauncher(n_jobs=n_jobs)
+                "config", overrides=["logger=none", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                                     *overrides], run_mode=RunMode.MULTIRUN)
+            launcher = KLSweepLocalLauncher(n_jobs=n_jobs, **options)
             context = HydraContext(config_loader=loader, callbacks=Callbacks(config))
             launcher.setup(hydra_context=context, task_function=task, config=config)
             return launcher
@@ -174,3 +176,55 @@ def test_a_stop_between_two_jobs_returns_the_rest_as_not_started(launcher_for):
 
     assert results[0].return_value == 0
     assert [getattr(r._return_value, "status", None) for r in results[1:]] == ["interrupted"] * 2
+
+
+def test_gpu_slots_fill_the_node_and_never_share_a_gpu_unless_asked():
+    eight = [str(i) for i in range(8)]
+    assert device_slots(eight, 0) == []  # CPU trials: the core rule decides
+    assert device_slots(eight, 1) == [(gpu,) for gpu in eight]
+    assert device_slots(eight, 2) == [("0", "1"), ("2", "3"), ("4", "5"), ("6", "7")]
+    assert device_slots(eight, 3) == [("0", "1", "2"), ("3", "4", "5")]  # 6 and 7 stay idle
+    assert device_slots(eight, 8) == [tuple(eight)]
+    assert device_slots(["0", "1"], 1, trials_per_gpu=2) == [("0",), ("1",), ("0",), ("1",)]
+    with pytest.raises(PlacementError, match="a trial needs 3 GPUs .* may use 2"):
+        device_slots(["0", "1"], 3)
+    with pytest.raises(PlacementError, match="trials_per_gpu=2 shares a GPU"):
+        device_slots(eight, 2, trials_per_gpu=2)
+
+
+def test_each_trial_sees_only_its_own_gpus_and_the_node_runs_as_many_as_it_holds(
+        launcher_for, tmp_path):
+    """Four GPUs, two per trial: two trials at once, one on GPUs 0,1 and one on 2,3; the task
+    only reads its environment, so no GPU is needed to check where it was placed."""
+    rendezvous = tmp_path / "started"
+    rendezvous.mkdir()
+
+    def task(cfg: DictConfig) -> str:
+        if cfg.seed < 2:  # the first two run together, each holding one slot
+            started(cfg, rendezvous)
+        return os.environ["CUDA_VISIBLE_DEVICES"]
+
+    launcher = launcher_for(task, None, ["trainer.accelerator=gpu", "trainer.devices=2"],
+                            gpus=[0, 1, 2, 3])
+    assert launcher.n_jobs == 2 and launcher.slots == [("0", "1"), ("2", "3")]
+    results = launcher.launch(jobs(4), initial_job_idx=0)
+    seen = [r.return_value for r in results]
+    assert sorted(seen[:2]) == ["0,1", "2,3"]  # the two that ran together held both slots
+    assert set(seen[2:]) <= {"0,1", "2,3"}  # later ones took a freed slot
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ or os.environ["CUDA_VISIBLE_DEVICES"] \
+        not in {"0,1", "2,3"}  # the sweep's own process is left as it was
+
+
+def test_n_jobs_above_the_gpu_slots_is_capped_and_a_trial_too_large_fails_in_one_line(
+        launcher_for, capsys):
+    launcher = launcher_for(lambda cfg: None, 4, ["trainer.accelerator=gpu"], gpus=[0, 1])
+    assert launcher.n_jobs == 2  # never two trials on one GPU unless trials_per_gpu says so
+    shared = launcher_for(lambda cfg: None, None, ["trainer.accelerator=gpu"], gpus=[0, 1],
+                          trials_per_gpu=2)
+    assert shared.n_jobs == 4
+    with pytest.raises(SystemExit) as stop:
+        launcher_for(lambda cfg: None, None, ["trainer.accelerator=gpu", "trainer.devices=4"],
+                     gpus=[0, 1])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "klsweep: error: a trial needs 4 GPUs (trainer.devices) and the sweep may use 2 (0,1)")

@@ -9,7 +9,14 @@ import pytest
 import yaml
 
 from klsweep.report import main
-from klsweep.report.overoptimization import fit_gao, gao_curve, gao_peak, proxy_groups
+from klsweep.report.overoptimization import (
+    fit_gao,
+    gao_curve,
+    gao_peak,
+    markdown_lines,
+    peak_label,
+    proxy_groups,
+)
 from klsweep.report.runs import load_run
 
 ALPHA, BETA = 0.5, 0.2  # d* = exp(0.5/0.2 − 1) = e^1.5 ≈ 4.48, KL* = e³ ≈ 20.1
@@ -108,6 +115,16 @@ def test_runs_are_grouped_by_proxy_and_the_run_stopping_nearest_the_peak_is_name
     assert [t.order[0] for t in small.trajectories] == [0.01, 0.03, 0.1]
     # twice α: KL* = e^(2·5 − 2), far beyond the KL reached
     assert large.kl_star == pytest.approx(math.exp(8)) and large.kl_star > large.max_kl
+
+
+def test_a_peak_past_the_measured_kl_is_not_printed_as_a_kl_star(tmp_path):
+    _sweep(tmp_path)
+    small, large = proxy_groups([load_run(tmp_path / str(i)) for i in range(6)])
+    assert peak_label(small) == "KL* = 20.1 nats/sequence"
+    # the fit's own peak, e^8 ≈ 2981, lies far past the 36 nats the runs reached
+    assert peak_label(large) == "rising through KL = 36 nats/sequence"
+    text = "\n".join(markdown_lines([small, large]))
+    assert "2.98e+03" not in text and "| rising through KL = 36 nats/sequence |" in text
 
 
 def test_the_report_writes_the_figure_and_prints_the_fit_per_proxy(tmp_path, caplog):

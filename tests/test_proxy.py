@@ -11,10 +11,11 @@ import torch
 from klsweep.config import ConfigError, choice_config, compose_and_validate
 from klsweep.exact_math import expected_reward
 from klsweep.models.tiny import TinyGPT
+from klsweep.preferences import bradley_terry_loss
 from klsweep.rollout import Prompts, generate
 from klsweep.tasks.digits import DigitsTask, digit_reward
 from klsweep.tasks.exact import ExactTask
-from klsweep.tasks.proxy import bradley_terry_loss, last_positions
+from klsweep.tasks.proxy import last_positions
 
 SMALL_PROXY = {"pairs": 64, "steps": 20, "batch_size": 16}
 

@@ -9,13 +9,14 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
+
+from tests.job_log import read_job_log
 
 REPO = Path(__file__).resolve().parents[1]
 # tiny runs: two prompts of four completions per step, no progress bar, no W&B
@@ -231,21 +232,28 @@ def test_the_joblib_launcher_runs_a_batch_of_two_trials_at_once(tmp_path):
                         reason="hydra-joblib-launcher is not installed (extra [launchers])")
     result = klsweep("sweep=beta_target", "steps=10", *FAST, "hydra/launcher=joblib",
                      "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2",
-                     "hydra.sweeper.n_trials=2", sweep_dir=tmp_path)
+                     "hydra.sweeper.n_trials=2", *job_log(tmp_path / "log", batch=2),
+                     sweep_dir=tmp_path)
     assert result.returncode == 0, result.stderr
     assert states(load(tmp_path, "beta_target")) == ["COMPLETE", "COMPLETE"]
-    assert overlapped(tmp_path, [0, 1])
+    assert_own_processes_n_at_once(tmp_path / "log", n_trials=2, n_jobs=2)
 
 
-def overlapped(sweep_dir: Path, numbers: Sequence[int]) -> bool:
-    """Whether the runs of these trials were all under way at one moment: summary.json is
-    written at a run's end, wall_time_s after its start."""
-    spans = []
-    for number in numbers:
-        summary = sweep_dir / str(number) / "summary.json"
-        end = summary.stat().st_mtime
-        spans.append((end - yaml.safe_load(summary.read_text())["wall_time_s"], end))
-    return max(start for start, _ in spans) < min(end for _, end in spans)
+def job_log(directory: Path, batch: int) -> list[str]:
+    """The overrides that record each job's process and make a batch's jobs meet."""
+    return ["+hydra.callbacks.log._target_=tests.job_log.JobLog",
+            f"+hydra.callbacks.log.directory={directory}", f"+hydra.callbacks.log.batch={batch}"]
+
+
+def assert_own_processes_n_at_once(directory: Path, n_trials: int, n_jobs: int) -> None:
+    """Each trial ran in a process of its own, not the sweep's; the ``n_jobs`` trials of each
+    batch were running at one moment (they met), and no more than ``n_jobs`` ever were."""
+    sweep_pid, jobs = read_job_log(directory)
+    assert sorted(jobs) == list(range(n_trials))
+    pids = [pid for pid, _, _ in jobs.values()]
+    assert len(set(pids)) == n_trials and sweep_pid not in pids
+    assert all(met for _, _, met in jobs.values()), f"a batch's jobs never ran at once: {jobs}"
+    assert max(running for _, running, _ in jobs.values()) <= n_jobs
 
 
 @pytest.mark.slow
@@ -256,15 +264,13 @@ def test_the_submitit_launcher_runs_each_trial_in_its_own_process_two_at_once(tm
                      "hydra/launcher=submitit_local", "hydra.sweeper.n_jobs=2",
                      "hydra.sweeper.n_trials=4", "hydra.sweeper.report_every=1",
                      "hydra.sweeper.objectives={kl/final:null}",  # one objective: prunable
-                     sweep_dir=tmp_path)
+                     *job_log(tmp_path / "log", batch=2), sweep_dir=tmp_path)
     assert result.returncode == 0, result.stderr
     study = load(tmp_path, "beta_target")
     assert states(study) == ["COMPLETE"] * 4
     # each run reported to the pruner from its own process, through the storage
     assert all(t.intermediate_values for t in study.trials)
-    assert overlapped(tmp_path, [0, 1]) and overlapped(tmp_path, [2, 3])
-    jobs = {path.name for path in (tmp_path / ".submitit").glob("*/*_result.pkl")}
-    assert len(jobs) == 4  # submitit's local jobs are named by their process ids
+    assert_own_processes_n_at_once(tmp_path / "log", n_trials=4, n_jobs=2)
 
 
 @pytest.mark.slow

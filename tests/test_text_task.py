@@ -14,7 +14,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from omegaconf import OmegaConf
 
-from klsweep.config import CONF_DIR, ConfigError, check_node, choice_config
+from klsweep.config import CONF_DIR, ConfigError, check_node, choice_config, compose_and_validate
 from klsweep.errors import RunFailed
 from klsweep.rollout import Rollout
 from klsweep.tasks.text import TextConfig, TextTask, check_text_task
@@ -295,3 +295,14 @@ def test_check_text_task_passes_a_good_node_and_writes_nothing(tmp_path):
 
 def test_a_hub_dataset_is_not_loaded_by_the_check():
     check_text_task(OmegaConf.create({**_defaults(), "dataset": "imdb"}))
+
+
+@pytest.mark.parametrize("model", ["tiny", "hf"])
+def test_a_model_without_a_tokenizer_is_refused_before_training(tmp_path, model):
+    prompts = write(ROWS, tmp_path / "prompts.jsonl")
+    with pytest.raises(ConfigError) as err:
+        compose_and_validate({"task": "text", "model": model, "task.prompts": prompts,
+                              "task.reward": "length"})
+    assert str(err.value) == (f"task=text needs the tokenizer of a checkpoint, and "
+                              f"model={model} with model.name=null has none: set model=hf and "
+                              f"model.name to a hub id or a local directory")

@@ -3,7 +3,7 @@
 import pytest
 from lightning.pytorch.strategies import FSDPStrategy
 
-from klsweep.config import choice_config, compose_and_validate
+from klsweep.config import ConfigError, choice_config, compose_and_validate
 from klsweep.models.tiny import Block, TinyGPT
 from klsweep.trainer import decoder_layer_classes, trainer_arguments
 from tests.hf_fixtures import save_tiny_model
@@ -35,3 +35,10 @@ def test_decoder_layers_are_found_in_transformers_models_by_their_own_declaratio
 def test_other_strategies_pass_through_as_lightning_s_strings():
     cfg = compose_and_validate({"trainer": "cpu"})
     assert trainer_arguments(cfg.trainer, _tiny())["strategy"] == "auto"
+
+
+def test_fsdp_on_the_cpu_fails_in_one_line_before_training():
+    """Lightning's FSDPStrategy takes CUDA only; klsweep says so before the Trainer does."""
+    with pytest.raises(ConfigError, match=r"^trainer.strategy=fsdp needs CUDA GPUs .*"
+                                          r"trainer.accelerator=cpu\); use trainer=ddp on CPU$"):
+        compose_and_validate({"trainer": "fsdp", "trainer.accelerator": "cpu"})

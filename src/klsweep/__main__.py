@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from klsweep import _lean_imports
+
+# klsweep's own process, before anything imports Lightning: importing the library changes
+# nothing in its user's process
+_lean_imports.install()
+
 import gc
 import sys
 from pathlib import Path

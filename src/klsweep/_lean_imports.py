@@ -3,10 +3,13 @@
 Lightning imports torchmetrics, and torchmetrics, as it is imported, imports every optional
 package it finds installed: transformers (for BERTScore), matplotlib.pyplot (for plots) and
 scipy.signal (for audio metrics). In a klsweep run that is 118 MiB of a 500 MiB peak and
-about 2 s of every start (each sweep trial's process pays it), for metrics klsweep never
-computes. While torchmetrics is imported, its availability checks (lightning_utilities'
-``_version`` and ``find_spec``) report those three packages absent; nothing else changes:
-klsweep imports transformers itself for ``model=hf``, and matplotlib for the report.
+about 2 s of its start, for metrics klsweep never computes. While torchmetrics is imported,
+its availability checks (lightning_utilities' ``_version`` and ``find_spec``) report those
+three packages absent; nothing else changes: klsweep imports transformers itself for
+``model=hf``, and matplotlib for the report.
+
+Only klsweep's own command-line processes install it (``python -m klsweep``, ``python -m
+klsweep.bench``): ``import klsweep`` in a user's process changes nothing of its imports.
 """
 
 from __future__ import annotations

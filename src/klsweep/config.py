@@ -58,6 +58,24 @@ class TrainerConfig:
                                           help="fsdp: recompute each decoder layer's activations")
     enable_progress_bar: bool = spec(kind="bool", help="the progress bar")
 
+    @staticmethod
+    def check_run(cfg: Any) -> None:
+        """Lightning's FSDPStrategy refuses any accelerator but CUDA, with a stack trace from
+        inside the Trainer: say so in one line first."""
+        trainer = cfg.trainer
+        if trainer.strategy != "fsdp":
+            return
+        import torch
+
+        # device_count asks NVML and leaves CUDA uninitialised, so a sweep can still fork
+        on_cpu = trainer.accelerator in ("cpu", "mps") or (
+            trainer.accelerator == "auto" and torch.cuda.device_count() == 0)
+        if on_cpu:
+            raise ConfigError(f"trainer.strategy=fsdp needs CUDA GPUs (Lightning's FSDPStrategy "
+                              f"refuses the CPU; got trainer.accelerator={trainer.accelerator}"
+                              f"{' and no GPU' if trainer.accelerator == 'auto' else ''}); "
+                              f"use trainer=ddp on CPU")
+
 
 @dataclass
 class OptimConfig:

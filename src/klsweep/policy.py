@@ -15,7 +15,15 @@ import torch
 from torch import Tensor, nn
 
 from klsweep.engines import NativeEngine, RolloutEngine, mismatch_metrics, tis_weights
-from klsweep.kl import ESTIMATORS, kl_metrics, kl_penalty_per_token, kl_per_token, masked_mean
+from klsweep.kl import (
+    DIVERGENCES,
+    ESTIMATORS,
+    kl_metrics,
+    kl_per_token,
+    make_divergence,
+    masked_mean,
+    masked_sum,
+)
 from klsweep.models.base import CausalLM
 from klsweep.rollout import (
     Prompts,
@@ -57,6 +65,10 @@ class KLConfig:
                          help="k2: the estimator's value with k2's gradient (verl's k3+)")
     is_correction: bool = spec(kind="bool", help="loss-placed KL times π/π_old")
     clamp: float = spec(kind="number", gt=0, help="log-ratio clamp before k2/k3")
+    divergence: str = spec(kind="choice", choices=tuple(DIVERGENCES),
+                           help="the regulariser D_f(π‖π_ref); reverse_kl: the KL")
+    alpha: float = spec(kind="number", gt=0, lt=1,
+                        help="α of divergence=alpha, TRL's convention (→1 reverse, →0 forward KL)")
     beta_min: float = spec(kind="number", ge=0, help="lower bound of β")
     beta_max: float = spec(kind="number", gt=0, help="upper bound of β")
     max: float = spec(kind="number", gt=0, help="a KL (kl.unit) above it ends the run as diverged")
@@ -70,6 +82,12 @@ class KLConfig:
     @staticmethod
     def check_run(cfg: Any) -> None:
         check_node("kl.reference", cfg.kl.reference, ReferenceSync)
+        if cfg.kl.placement == "none":
+            return  # nothing is penalised: the estimator only measures
+        try:
+            make_divergence(cfg.kl.divergence, cfg.kl.alpha).check(cfg.kl)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 @dataclass
@@ -146,6 +164,7 @@ class PolicyPair:
         self.sync_every = sync_every
         self.tis_cap = tis_cap
         self._rollouts = 0
+        self.divergence = make_divergence(kl.divergence, kl.alpha)
         if kl.reference.sync_every > 0:
             _check_movable(policy, reference)
         self.initial = (copy.deepcopy(reference).requires_grad_(False)
@@ -247,18 +266,21 @@ class PolicyPair:
         return kl_per_token(logp, ref_logp, self.kl.estimator, logits=logits,
                             ref_logits=ref_logits, clamp=self.kl.clamp)
 
+    @torch.no_grad()
+    def reward_penalty(self, logp: Tensor, ref_logp: Tensor, logits: Tensor,
+                       ref_logits: Tensor, mask: Tensor) -> Tensor:
+        """The configured divergence's per-token penalty [B, N] that β times leaves the
+        reward (the KL's: ``kl_values``)."""
+        return self.divergence.reward_penalty(logp, ref_logp, mask, self.kl, logits, ref_logits)
+
     def kl_loss_term(self, logp: Tensor, ref_logp: Tensor, logits: Tensor, ref_logits: Tensor,
-                     old_logp: Tensor) -> Tensor:
-        """The per-token KL term of a loss [B, N], with its gradient through log π_θ."""
-        kl = self.kl
-        term = kl_penalty_per_token(logp, ref_logp, kl.estimator, gradient=kl.gradient,
-                                    logits=logits, ref_logits=ref_logits, clamp=kl.clamp)
-        if kl.is_correction:
-            # the ratio with its gradient (TRL's use_bias_correction_kl, DeepSeek-V3.2):
-            # on-policy its value is 1, but ∇(ρ·k) = k·∇log π + ∇k turns k3's forward-KL
-            # gradient into the reverse-KL one; a detached ratio would change nothing
-            term = term * torch.exp(logp - old_logp)
-        return term
+                     old_logp: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The per-token term of a loss [B, N] for the configured divergence, with its
+        gradient through log π_θ (the other divergences need the completion ``mask``)."""
+        if mask is None:
+            mask = torch.ones_like(logp, dtype=torch.bool)
+        return self.divergence.loss_term(logp, ref_logp, old_logp, mask, self.kl, logits,
+                                         ref_logits)
 
     # --- what a step logs --------------------------------------------------------------------
     @torch.no_grad()
@@ -284,7 +306,12 @@ class PolicyPair:
                                  else self._kl_to_initial(scored))
         if rollout.engine_logp is not None:  # the native engine's are the trainer's own
             metrics.update(mismatch_metrics(logp, rollout.engine_logp, mask))
-        kl = metrics["kl/mean" if self.kl.unit == "token" else "kl/seq"]
+        # the configured divergence (the KL's: kl/mean and kl/seq again) is what β steers
+        values = self.divergence.values(logp, scored.ref_logp, mask, self.kl, logits,
+                                        scored.ref_logits)
+        metrics["kl/divergence"] = float(masked_mean(values, mask))
+        metrics["kl/divergence_seq"] = float(masked_sum(values, mask).mean())
+        kl = metrics["kl/divergence" if self.kl.unit == "token" else "kl/divergence_seq"]
         return Measurement(metrics, kl, rewards.numel())
 
     def _kl_to_initial(self, scored: Scored) -> float:

@@ -32,7 +32,7 @@ log = logging.getLogger("klsweep")
 # noisy to rank runs by.
 FINAL_FRACTION = 0.25
 FINAL_KEYS = ("reward/mean", "reward/gold", "reward/proxy", "kl/mean", "kl/seq", "kl/to_init",
-              "kl/k1", "kl/k2", "kl/k3", "kl/full",
+              "kl/divergence", "kl/divergence_seq", "kl/k1", "kl/k2", "kl/k3", "kl/full",
               "policy/entropy", "policy/distinct", "perf/tokens_per_s")
 # Keys whose final value is their last logged value: the exact task's figures are exact, not
 # noisy, and are logged only every few steps.

@@ -22,6 +22,7 @@ from hydra.errors import CompactHydraException
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
+from hydra_plugins.klsweep_local._placement import DeviceSlot
 from klsweep.errors import RunInterrupted
 from klsweep.train import prepare_to_fork
 
@@ -43,17 +44,16 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def default_jobs(config: DictConfig) -> int:
-    """Jobs at once when ``n_jobs`` is null: one per ``threads`` usable cores on CPU, one at a
-    time for runs that use a GPU (trials at once would share its memory)."""
-    accelerator = str(config.get("trainer", {}).get("accelerator", "cpu"))
-    if accelerator != "cpu" and _gpu_count() > 0:
-        return 1
+def default_jobs(config: DictConfig, slots: Sequence[DeviceSlot]) -> int:
+    """Jobs at once when ``n_jobs`` is null: one per GPU slot for runs that use GPUs, else one
+    per ``threads`` usable cores."""
+    if slots:
+        return len(slots)
     threads = config.get("threads")
     return max(1, usable_cores() // threads) if threads else 1
 
 
-def _gpu_count() -> int:
+def gpu_count() -> int:
     # device_count asks NVML first and leaves CUDA uninitialised: the children forked later
     # can still use CUDA, which they could not once this process had initialised it
     import torch
@@ -78,25 +78,29 @@ def prepare_parent(config: DictConfig) -> None:
 
 def run_forked(job_overrides: Sequence[Sequence[str]], initial_job_idx: int, *, n_jobs: int,
                hydra_context: HydraContext, task_function: TaskFunction,
-               config: DictConfig) -> list[JobReturn]:
-    """Run every job, ``n_jobs`` at once; the results in the jobs' order.
+               config: DictConfig, slots: Sequence[DeviceSlot] = ()) -> list[JobReturn]:
+    """Run every job, ``n_jobs`` at once; the results in the jobs' order. With GPU ``slots``
+    (at least ``n_jobs`` of them) each job runs on a free slot's GPUs, its only visible ones.
 
     SIGTERM sent to this process is passed on to the running jobs (each stops after its step
     with a checkpoint, as a run does); Ctrl-C reaches them from the terminal by itself. After
     either, no further job starts: those return as interrupted, for the sweep to run again."""
     pending = deque(enumerate(job_overrides, start=initial_job_idx))
-    running: dict[Connection, tuple[int, Sequence[str], Any]] = {}
+    running: dict[Connection, tuple[int, Sequence[str], Any, DeviceSlot | None]] = {}
+    free = deque(slots)
     results: dict[int, JobReturn] = {}
-    with _stop_signals(lambda: [process for _, _, process in running.values()]) as stopped:
+    with _stop_signals(lambda: [process for _, _, process, _ in running.values()]) as stopped:
         while pending or running:
             while pending and len(running) < n_jobs and not stopped:
                 idx, overrides = pending.popleft()
+                slot = free.popleft() if slots else None
                 reader, writer = _FORK.Pipe(duplex=False)
                 process = _FORK.Process(target=_job, name=f"klsweep-job-{idx}", args=(
-                    writer, os.getpid(), idx, overrides, hydra_context, task_function, config))
+                    writer, os.getpid(), idx, overrides, hydra_context, task_function, config,
+                    slot))
                 process.start()
                 writer.close()  # the child holds the only writer: its exit ends the pipe
-                running[reader] = (idx, overrides, process)
+                running[reader] = (idx, overrides, process, slot)
             if stopped and pending:
                 for idx, overrides in pending:
                     results[idx] = _not_started(overrides, stopped[0])
@@ -104,8 +108,10 @@ def run_forked(job_overrides: Sequence[Sequence[str]], initial_job_idx: int, *, 
             if not running:  # wait() on nothing would block for ever
                 break
             for reader in wait(list(running)):
-                idx, overrides, process = running.pop(reader)
+                idx, overrides, process, slot = running.pop(reader)
                 results[idx] = _receive(reader, process, overrides)
+                if slot is not None:
+                    free.append(slot)
     return [results[idx] for idx in sorted(results)]
 
 
@@ -137,8 +143,11 @@ def _stop_signals(children: Callable[[], list[Any]]):
 
 
 def _job(writer: Connection, parent: int, idx: int, overrides: Sequence[str],
-         hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+         hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig,
+         slot: DeviceSlot | None) -> None:
     """The child: compose the job's config, run it as Hydra runs a job, send its JobReturn."""
+    if slot is not None:  # before anything initialises CUDA, which reads it once
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(slot)
     for signum, handler in _PREVIOUS_HANDLERS.items():
         signal.signal(signum, handler)
     _stop_with_parent(parent)

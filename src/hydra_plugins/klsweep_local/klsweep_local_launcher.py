@@ -23,9 +23,13 @@ class KLSweepLocalLauncher(Launcher):
     submitit) spends seconds importing. Each job still gets a process of its own, so one
     job's globals, signal handlers and crashes never reach another."""
 
-    def __init__(self, n_jobs: int | None = None) -> None:
+    def __init__(self, n_jobs: int | None = None, gpus: Sequence[int | str] | None = None,
+                 trials_per_gpu: int = 1) -> None:
         self.requested_jobs = n_jobs
+        self.gpus = gpus
+        self.trials_per_gpu = trials_per_gpu
         self.n_jobs = 1
+        self.slots: list[tuple[str, ...]] = []  # the GPU sets of the trials running at once
         self.prepared = False  # prepare_parent ran: once, not per batch of the sweep
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
@@ -33,17 +37,33 @@ class KLSweepLocalLauncher(Launcher):
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
               config: DictConfig) -> None:
-        from hydra_plugins.klsweep_local._forked import default_jobs
+        from hydra_plugins.klsweep_local._forked import default_jobs, gpu_count
+        from hydra_plugins.klsweep_local._placement import (
+            PlacementError,
+            device_slots,
+            gpus_per_trial,
+            visible_gpu_ids,
+        )
 
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
-        if self.requested_jobs is not None and (isinstance(self.requested_jobs, bool) or
-                                                not isinstance(self.requested_jobs, int) or
-                                                self.requested_jobs < 1):
-            # one line, before any job, as klsweep's other checks print it
-            print(f"klsweep: error: hydra.launcher.n_jobs must be a whole number ≥ 1 or null "
-                  f"(got {self.requested_jobs!r})", file=sys.stderr)
-            sys.exit(2)
-        self.n_jobs = self.requested_jobs or default_jobs(config)
+        for key, value, null_ok in (("n_jobs", self.requested_jobs, True),
+                                    ("trials_per_gpu", self.trials_per_gpu, False)):
+            if (value is not None or not null_ok) and (isinstance(value, bool) or
+                                                       not isinstance(value, int) or value < 1):
+                _exit_with(f"hydra.launcher.{key} must be a whole number ≥ 1"
+                           f"{' or null' if null_ok else ''} (got {value!r})")
+        gpu_ids = ([str(gpu) for gpu in self.gpus] if self.gpus is not None
+                   else visible_gpu_ids(gpu_count()))
+        try:
+            self.slots = device_slots(gpu_ids, gpus_per_trial(config, len(gpu_ids)),
+                                      self.trials_per_gpu)
+        except PlacementError as err:
+            _exit_with(str(err))
+        self.n_jobs = self.requested_jobs or default_jobs(config, self.slots)
+        if self.slots and self.n_jobs > len(self.slots):
+            log.info(f"hydra.launcher.n_jobs={self.n_jobs}: {len(self.slots)} trials at once, "
+                     f"one per GPU slot (hydra.launcher.trials_per_gpu shares a GPU)")
+            self.n_jobs = len(self.slots)
 
     def launch(self, job_overrides: Sequence[Sequence[str]],
                initial_job_idx: int) -> Sequence[JobReturn]:
@@ -59,9 +79,17 @@ class KLSweepLocalLauncher(Launcher):
                  f"process")
         for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
             log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+        if self.slots:
+            log.info(f"GPU slots: {' | '.join(','.join(slot) for slot in self.slots)}")
         if not self.prepared:
             prepare_parent(self.config)
             self.prepared = True
         return run_forked(job_overrides, initial_job_idx, n_jobs=self.n_jobs,
                           hydra_context=self.hydra_context, task_function=self.task_function,
-                          config=self.config)
+                          config=self.config, slots=self.slots)
+
+
+def _exit_with(message: str) -> None:
+    """One line, before any job, as klsweep's other checks print it."""
+    print(f"klsweep: error: {message}", file=sys.stderr)
+    sys.exit(2)

@@ -25,40 +25,17 @@ from torch import Tensor, nn
 from klsweep.algos.common import Algorithm, Optimize, StepResult, sample_and_score
 from klsweep.kl import ESTIMATORS, masked_sum
 from klsweep.policy import Measurement, PolicyPair
+from klsweep.preferences import LABELS, preference_labels
 from klsweep.rollout import Prompts, Rollout
 from klsweep.schema import ConfigError, describe, spec
 from klsweep.tasks.base import Task
 
 LOSSES = ("sigmoid", "robust", "ipo", "hinge")
-LABELS = ("bradley_terry", "deterministic")
 # offline pairs are sampled from π_ref in chunks of this many prompts (bounds the KV cache)
 _DATASET_CHUNK = 1024
 # rows of a chunk decoded at once, with the tokens of one batch (rollout.generate): their KV
 # cache was the run's memory peak at 2048 rows (100 MB at the benchmark's shape)
 _DECODE_ROWS = 512
-
-
-def bradley_terry_labels(rewards_a: Tensor, rewards_b: Tensor,
-                         generator: torch.Generator | None = None) -> Tensor:
-    """Whether ``a`` is preferred [B] (bool), drawn with P(a ≻ b) = σ(r_a − r_b)."""
-    p_a = torch.sigmoid(rewards_a - rewards_b)
-    return torch.rand(p_a.shape, generator=generator, device=p_a.device) < p_a
-
-
-def deterministic_labels(rewards_a: Tensor, rewards_b: Tensor,
-                         generator: torch.Generator | None = None) -> Tensor:
-    """Whether ``a`` is preferred [B]: the higher reward wins, ties by a fair coin."""
-    coin = torch.rand(rewards_a.shape, generator=generator, device=rewards_a.device) < 0.5
-    return torch.where(rewards_a == rewards_b, coin, rewards_a > rewards_b)
-
-
-def preference_labels(rewards_a: Tensor, rewards_b: Tensor, kind: str,
-                      generator: torch.Generator | None = None) -> Tensor:
-    if kind == "bradley_terry":
-        return bradley_terry_labels(rewards_a, rewards_b, generator)
-    if kind == "deterministic":
-        return deterministic_labels(rewards_a, rewards_b, generator)
-    raise ValueError(f"unknown preference labels {kind!r} (allowed: {', '.join(LABELS)})")
 
 
 def _pair_loss(h: Tensor, beta: float, loss_type: str) -> Tensor:

@@ -114,8 +114,8 @@ class GRPO(Algorithm):
         shaped = rewards
         if placement == "reward":
             # The sequence reward minus β·Σ_t k(l_t), detached (Ziegler et al. 2019).
-            kl_t = pair.kl_values(scored.logp.detach(), scored.ref_logp, scored.logits.detach(),
-                                  scored.ref_logits)
+            kl_t = pair.reward_penalty(scored.logp.detach(), scored.ref_logp,
+                                       scored.logits.detach(), scored.ref_logits, mask)
             shaped = rewards - beta * masked_sum(kl_t, mask)
         advantages = group_advantages(shaped, c.group_size, c.scale_rewards)
         scale = advantage_scale(shaped, c.group_size, c.scale_rewards)
@@ -128,7 +128,7 @@ class GRPO(Algorithm):
                 logits, logp = pair.policy_logprobs(rollout)
             old_logp = rollout.old_logp if c.updates_per_rollout > 1 else logp.detach()
             kl_term = (pair.kl_loss_term(logp, scored.ref_logp, logits, scored.ref_logits,
-                                         old_logp) if placement == "loss" else None)
+                                         old_logp, mask) if placement == "loss" else None)
             loss, stats = grpo_loss(logp, old_logp, advantages, mask, clip_eps=c.clip_eps,
                                     loss_agg=c.loss_agg, kl=kl_term, beta=beta, tis=tis)
             optimize(loss)

@@ -174,7 +174,8 @@ class PPO(Algorithm):
             features = pair.completion_features(rollout)
             old_values = self.value_head(features) * mask
 
-        kl_t = (pair.kl_values(old_logp, scored.ref_logp, scored.logits, scored.ref_logits)
+        kl_t = (pair.reward_penalty(old_logp, scored.ref_logp, scored.logits,
+                                    scored.ref_logits, mask)
                 if placement == "reward" else None)
         rewards = token_rewards(scores, mask, kl_t, beta)
         advantages, returns = gae(rewards, old_values, mask, c.gamma, c.lam)
@@ -204,7 +205,7 @@ class PPO(Algorithm):
                 if placement == "loss":
                     kl_loss = masked_mean(pair.kl_loss_term(
                         logp, scored.ref_logp[index], mb_logits, scored.ref_logits[index],
-                        old_logp[index]), mb_mask)
+                        old_logp[index], mb_mask), mb_mask)
                     loss = loss + beta * kl_loss
                 stats = {"loss/policy": policy_loss, "loss/value": value_loss,
                          "loss/kl": kl_loss, "loss/total": loss,

@@ -1,5 +1,6 @@
 """The KL math of klsweep, usable on its own in any trainer (DESIGN §10)."""
 
+from klsweep.kl.divergences import DIVERGENCES, Divergence, make_divergence
 from klsweep.kl.estimators import (
     ESTIMATORS,
     full_kl,
@@ -12,6 +13,8 @@ from klsweep.kl.estimators import (
 from klsweep.kl.schedules import SCHEDULES, Schedule, make_schedule
 
 __all__ = [
+    "DIVERGENCES",
+    "Divergence",
     "ESTIMATORS",
     "SCHEDULES",
     "Schedule",
@@ -19,6 +22,7 @@ __all__ = [
     "kl_metrics",
     "kl_penalty_per_token",
     "kl_per_token",
+    "make_divergence",
     "make_schedule",
     "masked_mean",
     "masked_sum",

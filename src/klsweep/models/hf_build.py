@@ -93,13 +93,7 @@ class HFModelConfig:
 
     @staticmethod
     def check_run(cfg: DictConfig) -> None:
-        from klsweep.tasks import TASKS
-
         check_model(cfg.model, cfg.trainer.accelerator)
-        if cfg.model.get("name") is None and TASKS[cfg.task.name].needs_tokenizer:
-            raise ConfigError(f"model.name=null builds a random model without a tokenizer, "
-                              f"which task={cfg.task.name} needs: set model.name to a hub "
-                              f"id or a local directory")
         if cfg.model.lora is not None and cfg.kl.reference.sync_every > 0:
             raise ConfigError(f"kl.reference.sync_every must be 0 with model.lora: the "
                               f"reference is the adapter-disabled policy, with no weights of "

@@ -214,6 +214,15 @@ def _fmt(value: float, digits: int = 3) -> str:
     return f"{value:.{digits}g}" if math.isfinite(value) else ("∞" if value > 0 else "–")
 
 
+def peak_label(group: ProxyGroup) -> str:
+    """The fitted peak as a panel title states it: KL* only where it lies inside the measured
+    KL range; past it the fit is an extrapolation (KL* = 2.7e+05 from runs that reached 20),
+    so the title says how far the data goes instead."""
+    if group.kl_star <= group.max_kl:
+        return f"KL* = {_fmt(group.kl_star)} nats/sequence"
+    return f"rising through KL = {_fmt(group.max_kl)} nats/sequence"
+
+
 def verdict(group: ProxyGroup, bold: bool = True) -> str:
     """One sentence: the fitted form, the peak and the run that stopped nearest it (its
     label in markdown bold unless ``bold`` is false)."""
@@ -226,8 +235,6 @@ def verdict(group: ProxyGroup, bold: bool = True) -> str:
     if not group.kl_star <= group.max_kl:
         text = (f"{head}; the fitted gold reward still rises at the largest KL reached "
                 f"({_fmt(group.max_kl)} nats/sequence): no peak within it")
-        if math.isfinite(group.d_star):
-            text += f" (the fit's own, at KL* = {_fmt(group.kl_star)}, is extrapolated)"
         if best is not None:
             text += (f"; {name} ended farthest out, at KL {_fmt(best.final_kl)} with gold gain "
                      f"{_fmt(best.final_gold)}")
@@ -250,12 +257,12 @@ def markdown_lines(groups: Sequence[ProxyGroup]) -> list[str]:
              "(α, β: Gao et al.'s coefficients, not the KL coefficient.)", ""]
     lines += [f"* {verdict(g)}" for g in groups]
     lines += ["", "| group | pairs | run | final KL (nats/seq) | final gold gain | "
-              "final proxy gain | KL* of the fit |", "|---|---|---|---|---|---|---|"]
+              "final proxy gain | peak of the fit |", "|---|---|---|---|---|---|---|"]
     for g in groups:
         for t in g.trajectories:
             lines.append(f"| {g.panel} | {g.pairs} | {t.label} | {_fmt(t.final_kl)} | "
                          f"{_fmt(t.final_gold)} | {_fmt(float(t.proxy[-1]))} | "
-                         f"{_fmt(g.kl_star)} |")
+                         f"{peak_label(g)} |")
     return lines + [""]
 
 
@@ -294,7 +301,7 @@ def plot_overoptimization(groups: Sequence[ProxyGroup], path: Path) -> None:
                                 label="its peak d* = exp(α/β − 1)")
         gold_ax.set_title(f"{group.panel} · task.proxy.pairs={group.pairs}\n"
                           f"α = {_fmt(group.alpha)}, β = {_fmt(group.beta)}, "
-                          f"KL* = {_fmt(group.kl_star)} nats/sequence", fontsize=10)
+                          f"{peak_label(group)}", fontsize=10)
         gold_ax.set_ylabel("gold reward gain over the reference")
         proxy_ax.set_ylabel("proxy reward gain over the reference")
         proxy_ax.set_xlabel("d = √KL(π‖π_ref) [√nats per sequence]")

@@ -14,7 +14,10 @@ from klsweep.models.reference import ReferenceRecipe
 from klsweep.policy import PolicyPair
 from klsweep.rollout import Prompts, Rollout
 from klsweep.schema import spec
-from klsweep.tasks.proxy import REWARD_SOURCES
+
+# what a synthetic task's policy optimises: its own (gold) reward, or a proxy reward model
+# of it (tasks/proxy.py)
+REWARD_SOURCES = ("gold", "proxy")
 
 
 @dataclass

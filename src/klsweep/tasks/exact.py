@@ -53,6 +53,7 @@ from numpy.typing import NDArray
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from klsweep.exact_divergence import divergence_metrics
 from klsweep.exact_math import (
     BEST_OF_N,
     best_of_n_curve,
@@ -269,6 +270,9 @@ class ExactTask(Task):
                     else self.sequence_logprobs(pair.reference, pair.temperature))
         policy_logp = self.sequence_logprobs(pair.policy, pair.temperature)
         metrics = exact_metrics(policy_logp, ref_logp, self.reward_table, beta_seq)
+        # scored against the optimum of the run's own divergence and unit (exact/kl stays KL)
+        metrics.update(divergence_metrics(pair.divergence, pair.kl.unit, policy_logp, ref_logp,
+                                          self.reward_table, beta_seq, self.vocab_size, metrics))
         # the drift from the initial model, which a moving reference no longer is
         metrics["exact/kl_to_init"] = metrics["exact/kl"] if pair.initial is None else float(
             sequence_kl(policy_logp, initial_logp).mean())
@@ -334,6 +338,8 @@ class ExactTask(Task):
             "beta_seq": last.beta_seq,
             "temperature": float(pair.temperature),
             "reward_source": self.config.reward_source,
+            "divergence": {"name": pair.divergence.name, "unit": pair.kl.unit,
+                           "alpha": getattr(pair.divergence, "alpha", None)},
             "task": asdict(self.config) | {"cache_dir": None,
                                            "proxy": asdict(self.proxy_config)},
             "metrics": last.metrics,

@@ -33,15 +33,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from klsweep.models.reference import cached_model
+from klsweep.preferences import bradley_terry_labels, bradley_terry_loss
 from klsweep.rollout import Rollout
 from klsweep.schema import ConfigError, check_node, spec
-
-REWARD_SOURCES = ("gold", "proxy")
 
 # (completions [B, N], completion mask [B, N]) -> gold reward [B]
 GoldReward = Callable[[Tensor, Tensor], Tensor]
@@ -104,13 +102,6 @@ def last_positions(mask: Tensor, prompt_len: int) -> Tensor:
     return prompt_len + mask.sum(1) - 1
 
 
-def bradley_terry_loss(chosen: Tensor, rejected: Tensor) -> Tensor:
-    """−log σ(s_chosen − s_rejected), mean over pairs: the reward-model loss of Ouyang et al.
-    (2022), whose minimiser in expectation over Bradley–Terry labels is the gold reward up to a
-    constant per prompt."""
-    return -F.logsigmoid(chosen - rejected).mean()
-
-
 def train_reward_model(model: RewardModel, tokens: Tensor, last: Tensor, chosen_first: Tensor,
                        *, steps: int, batch_size: int, lr: float,
                        generator: torch.Generator) -> None:
@@ -148,9 +139,6 @@ class ProxyReward:
             model = RewardModel(vocab_size, block_size, config)
 
         def train(m: nn.Module) -> None:
-            # the labels are imported here: klsweep.algos imports the tasks
-            from klsweep.algos.dpo import bradley_terry_labels
-
             generator = torch.Generator().manual_seed(config.seed)
             tokens, mask = sample_pairs(config.pairs, generator)
             gold_rewards = gold(tokens[:, prompt_len:], mask)

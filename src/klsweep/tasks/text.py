@@ -71,6 +71,7 @@ class TextConfig:
     @staticmethod
     def check_run(cfg: DictConfig) -> None:
         check_text_task(cfg.task)
+        check_tokenizer_source(cfg.model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,6 +200,15 @@ def check_text_task(task: Any) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # The task
+
+
+def check_tokenizer_source(model: Any) -> None:
+    """The text task reads and writes text through the tokenizer of the checkpoint that
+    ``model.name`` names: a random model (model.name=null) or model=tiny has none."""
+    if model.get("name") is None:
+        raise ConfigError(f"task=text needs the tokenizer of a checkpoint, and model="
+                          f"{model.get('kind')} with model.name=null has none: set model=hf and "
+                          f"model.name to a hub id or a local directory")
 
 
 def pad_rows(rows: list[list[int]], value: int, side: str) -> tuple[Tensor, Tensor]:

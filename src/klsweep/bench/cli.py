@@ -1,0 +1,44 @@
+"""``python -m klsweep.bench``: the speed of one training step, end to end, against this
+machine's limit.
+
+Runs the real training loop (Lightning, the module, sampling with the KV cache, the reference
+pass, the update, logging) on the shape of DESIGN §11: a GPT-2-shaped policy of 2 layers ×
+128 wide, 4 heads, vocabulary 32, prompts of 8 tokens, 16 new tokens; GRPO 8 prompts × 8
+completions, PPO 16 × 4, DPO 32 pairs a step. Warm-up steps are not counted.
+
+The limit: one warm-up step runs under ``FlopCounterMode``, which sees every matrix product
+(the linear layers forward and backward, attention) and the phase it ran in; each distinct
+shape is then timed alone, with the run's thread count. Their sum is the step's roofline: the
+time it would take doing nothing but its matrix products at this machine's measured rate on
+the model's own shapes. The fraction reached is that time over the measured step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import warnings
+
+from klsweep.bench.printing import report
+from klsweep.bench.run import PRESETS, measure
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m klsweep.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--algo", default="grpo", choices=sorted(PRESETS))
+    parser.add_argument("--steps", type=int, default=30, help="measured steps")
+    parser.add_argument("--warmup", type=int, default=5, help="steps before them (>= 1)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1, a run's default: conf threads)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="N more steps under torch.profiler: time by kind of kernel")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. algo.group_size=16")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    result = measure(args.algo, args.steps, args.warmup, args.threads, args.overrides,
+                     args.profile)
+    print(json.dumps(result) if args.json else report(result))

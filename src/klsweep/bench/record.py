@@ -1,0 +1,75 @@
+"""The JSON record of a benchmark run: throughput over the whole loop's wall time, the step,
+memory, the roofline, the breakdown by phase and, when profiled, by kind of kernel."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import statistics
+from collections import Counter
+from typing import Any
+
+import torch
+
+from klsweep.bench.timing import PHASES
+from klsweep.tasks.base import Task
+
+# Kinds of kernel the profile sums self time into; matched on the aten op's name.
+KERNEL_KINDS = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+                "attention": ("scaled_dot_product",), "gelu": ("gelu",),
+                "layer_norm": ("layer_norm",)}
+
+
+def _kind(op: str) -> str:
+    if op in KERNEL_KINDS["matmul"]:
+        return "matmul"
+    return next((kind for kind, names in KERNEL_KINDS.items() if kind != "matmul"
+                 and any(name in op for name in names)), "other ops")
+
+
+def kernel_times(profiler: torch.profiler.profile, wall_s: float, steps: int) -> dict:
+    """Milliseconds a step in each kind of aten kernel (self time), and outside them all:
+    Python, Lightning and dispatch (the profiler's own overhead included)."""
+    ms: Counter[str] = Counter()
+    for event in profiler.key_averages():
+        if event.key.startswith("aten::"):
+            ms[_kind(event.key)] += event.self_cpu_time_total / 1000 / steps
+    ms["outside kernels"] = 1000 * wall_s / steps - sum(ms.values())
+    return dict(ms)
+
+
+def summarize(algo: str, cfg: Any, task: Task, rows: list[dict], ends: list[float],
+              phases: list[dict[str, float]], threads: int, peak_mib: float,
+              roof: dict[str, dict[str, float]]) -> dict:
+    """The JSON record of the measured steps (``rows``, the end of the step before each and
+    of each, ``phases``): throughput over the whole loop's wall time, the step, memory, the
+    roofline and the breakdown by phase (means a step)."""
+    loop_s = [b - a for a, b in itertools.pairwise(ends)]
+    wall_s, n = sum(loop_s), len(loop_s)
+    phase_s = {p: sum(step.get(p, 0.0) for step in phases) / n for p in PHASES}
+    phase_s["other"] = wall_s / n - sum(v for p, v in phase_s.items() if p != "other")
+    flops = sum(r["flops"] for r in roof.values())
+    roof_s = sum(r["roofline_s"] for r in roof.values())
+    step_s = wall_s / n
+    tokens = sum(row["perf/tokens"] for row in rows)
+    return {
+        "algo": algo, "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "threads": threads, "load_average": os.getloadavg()[0], "steps": n,
+        "shape": {"n_layer": cfg.model.n_layer, "n_embd": cfg.model.n_embd,
+                  "n_head": cfg.model.n_head, "vocab": task.vocab_size,
+                  "prompt_len": task.prompt_len, "new_tokens": task.max_new_tokens},
+        "tokens_per_step": tokens / n, "tokens_per_s": tokens / wall_s,
+        "samples_per_s": sum(row["perf/samples"] for row in rows) / wall_s,
+        "pairs_per_s": sum(row.get("dpo/pairs", 0.0) for row in rows) / wall_s,
+        "step_ms": 1000 * step_s, "step_ms_median": 1000 * statistics.median(loop_s),
+        "step_ms_inside": 1000 * statistics.median(row["perf/step_s"] for row in rows),
+        "peak_memory_mib": peak_mib,
+        "memory": "CUDA max allocated" if torch.cuda.is_available() else "max RSS",
+        "gflop_per_step": flops / 1e9, "gflop_per_s": flops / step_s / 1e9,
+        "roofline_ms": 1000 * roof_s, "roofline_gflop_per_s": flops / roof_s / 1e9,
+        "roofline_fraction": roof_s / step_s,
+        "phases": {p: {"ms": 1000 * phase_s[p], "share": phase_s[p] / step_s,
+                       "gflop": roof.get(p, {}).get("flops", 0) / 1e9,
+                       "roofline_ms": 1000 * roof.get(p, {}).get("roofline_s", 0.0)}
+                   for p in PHASES},
+    }

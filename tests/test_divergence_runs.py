@@ -1,0 +1,81 @@
+"""kl.divergence on the command line: bad input fails in one line before training, and an
+exact-task run under another divergence logs the optimum of its own divergence and unit,
+which exact.json alone reproduces."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from klsweep.__main__ import main
+from klsweep.exact_divergence import divergence, optimum
+from klsweep.kl.divergences import make_divergence
+from tests.conftest import run_and_read
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["kl.divergence=foo"], "kl.divergence must be one of reverse_kl, forward_kl, js, alpha, "
+                            "chi2 (got 'foo')"),
+    (["kl.divergence=alpha", "kl.alpha=1.5"], "kl.alpha must be a number > 0 and < 1 (got 1.5)"),
+    (["kl.alpha=0"], "kl.alpha must be a number > 0 and < 1 (got 0)"),
+    (["kl.divergence=chi2", "estimator=k2"],
+     "kl.estimator=k2 cannot estimate kl.divergence=chi2 at kl.unit=token (allowed: k1, k3, "
+     "full)"),
+    (["kl.divergence=forward_kl", "kl.unit=sequence", "estimator=full"],
+     "kl.estimator=full cannot estimate kl.divergence=forward_kl at kl.unit=sequence "
+     "(allowed: k1, k3)"),
+    (["kl.divergence=js", "kl.gradient=k2"],
+     "kl.gradient=k2 is a reverse-KL option (kl.divergence=js allows: estimator)"),
+    (["kl.divergence=alpha", "kl.is_correction=true"],
+     "kl.is_correction is a reverse-KL option (kl.divergence=alpha needs it false)"),
+])
+def test_bad_divergence_settings_fail_in_one_line_before_anything_is_written(
+        overrides, message, tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["klsweep", *overrides, f"hydra.run.dir={run_dir}"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("klsweep: error: ")
+    assert message in err
+    assert not run_dir.exists()
+
+
+SMALL_EXACT = ["task=exact", "task.vocab_size=3", "task.completion_len=3", "steps=4",
+               "task.eval_every=2", "schedule=fixed", "kl.beta=0.2",
+               "trainer.enable_progress_bar=false"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    ["algo=grpo", "kl.divergence=forward_kl", "kl.unit=sequence", "kl.placement=reward"],
+    ["algo=ppo", "kl.divergence=js", "kl.unit=token", "kl.placement=loss", "estimator=full"],
+])
+def test_an_exact_run_is_scored_against_its_own_divergences_optimum(overrides, tmp_path):
+    summary, rows = run_and_read(tmp_path, *SMALL_EXACT, *overrides)
+    assert summary["status"] == "completed"
+    settings = dict(o.split("=", 1) for o in overrides)
+    div, unit = make_divergence(settings["kl.divergence"]), settings["kl.unit"]
+    record = json.loads((tmp_path / "exact.json").read_text())
+    assert record["divergence"]["name"] == div.name and record["divergence"]["unit"] == unit
+    policy = np.array([p["policy_logp"] for p in record["prompts"]])
+    ref = np.array([p["ref_logp"] for p in record["prompts"]])
+    reward = np.array([p["reward"] for p in record["prompts"]])
+    beta = record["beta_seq"]
+    value = divergence(div, unit, policy, ref, 3).mean()
+    _, j_star = optimum(div, unit, ref, reward, beta, 3)
+    j_run = (np.exp(policy) * reward).sum(-1).mean() - beta * value
+    gain = j_star.mean() - (np.exp(ref) * reward).sum(-1).mean()
+    last = rows[-1]
+    assert last["exact/divergence"] == pytest.approx(value, abs=1e-9)
+    assert last["exact/optimal_objective"] == pytest.approx(j_star.mean(), abs=1e-9)
+    assert last["exact/improvement_left"] == pytest.approx((j_star.mean() - j_run) / gain,
+                                                           abs=1e-9)
+    assert 0 < last["exact/improvement_left"] <= 1.0 + 1e-9
+    # exact/kl stays the reverse KL, on one plane with every other run
+    assert last["exact/kl"] == pytest.approx(
+        (np.exp(policy) * (policy - ref)).sum(-1).mean(), abs=1e-9)
+    # the schedule's figure is the divergence's own estimate
+    assert "kl/divergence" in last and "kl/divergence_seq" in last
