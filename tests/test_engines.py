@@ -77,3 +77,32 @@ def test_bad_rollout_input_fails_in_one_line_before_anything_is_written(
     assert err.count("\n") == 1 and err.startswith("klsweep: error: ")
     assert message in err
     assert not run_dir.exists()
+
+
+def test_a_lora_policy_sends_vllm_its_base_weights_with_the_adapter_merged_under_hf_names(
+        tmp_path):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from klsweep.engines.vllm import hf_weights
+    from tests.hf_fixtures import save_tiny_model
+
+    base = AutoModelForCausalLM.from_pretrained(save_tiny_model(tmp_path, "llama"))
+    names = set(base.state_dict())
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():  # B starts at zero: move it so that the merge changes W
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(generator=torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sent = dict(hf_weights(model))
+    merged = copy.deepcopy(model).merge_and_unload().state_dict()
+    assert set(sent) == names == set(merged)
+    for name, tensor in sent.items():
+        assert torch.allclose(tensor, merged[name], atol=1e-6), name
+    assert not torch.equal(sent["model.layers.0.self_attn.q_proj.weight"],
+                           base.get_submodule("model.layers.0.self_attn.q_proj")
+                           .base_layer.weight)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # untouched

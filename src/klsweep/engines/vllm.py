@@ -58,7 +58,7 @@ class VLLMEngine:
         from vllm import SamplingParams, TokensPrompt
 
         try:
-            self.llm.generate([TokensPrompt(prompt_token_ids=[self.eos_id])],
+            self.llm.generate([TokensPrompt(prompt_token_ids=[0])],
                               SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
         except Exception as err:
             reason = (str(err).splitlines() or [type(err).__name__])[0]
