@@ -80,7 +80,7 @@ class VLLMEngine:
                                  ignore_eos=True, stop_token_ids=[self.eos_id],
                                  detokenize=False) for seed in seeds]
         requests = [TokensPrompt(prompt_token_ids=row[keep].tolist())
-                    for row, keep in zip(prompts.tokens.cpu(), prompts.mask.cpu())]
+                    for row, keep in zip(prompts.tokens.cpu(), prompts.mask.cpu(), strict=True)]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         return self._rollout(prompts, n_per_prompt, outputs)
 
@@ -96,8 +96,8 @@ class VLLMEngine:
             for j, completion in enumerate(completions):
                 row, ids = i * n_per_prompt + j, list(completion.token_ids)
                 tokens[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-                logp[row, :len(ids)] = torch.tensor(
-                    [step[token].logprob for token, step in zip(ids, completion.logprobs)])
+                steps = zip(ids, completion.logprobs, strict=True)
+                logp[row, :len(ids)] = torch.tensor([step[token].logprob for token, step in steps])
                 mask[row, :len(ids)] = True
         device = prompts.tokens.device
         tokens, logp, mask = tokens.to(device), logp.to(device), mask.to(device)
