@@ -5,7 +5,8 @@ downloaded), and runs GRPO and DPO steps through the real module in bf16, with f
 fine-tuning and with LoRA. Prints, per run: generated tokens/s (GRPO) or pairs/s (DPO), the
 median step time and its phases (sampling, reference pass, policy pass), peak GPU memory,
 the training passes' fraction of the GPU's bf16 peak and decoding's fraction of the HBM
-bandwidth bound at the batch used.
+bandwidth bound at the batch used. Last, generated tokens/s of the rollout engines (native
+and, where installed, vLLM) on the same model and batch.
 
     python scripts/gpu_check.py                    # on a CUDA machine
     python scripts/gpu_check.py --small --device cpu --steps 2   # a smoke test anywhere
@@ -135,6 +136,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.add_argument("--hbm-tbs", type=float, default=4.8)
+    parser.add_argument("--engines", nargs="*", default=["native", "vllm"],
+                        help="rollout engines compared in generated tokens/s (vllm: if installed)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     for name in ("lightning.pytorch", "lightning.fabric", "transformers"):
@@ -145,6 +148,23 @@ def main() -> None:
         for algo in ("grpo", "dpo"):
             for lora in (False, True):
                 print(json.dumps(run(algo, lora, model_dir, args)), flush=True)
+        print(json.dumps(compare_engines(model_dir, args)), flush=True)
+
+
+def compare_engines(model_dir: str, args: argparse.Namespace) -> dict:
+    """Generated tokens/s of each rollout engine on the same bf16 model and batch (GRPO's:
+    --prompts x --group completions of --new-tokens); vLLM where it is installed."""
+    import importlib.util
+
+    from klsweep.bench.engines import measure
+
+    engines = [e for e in args.engines if e != "vllm" or importlib.util.find_spec("vllm")]
+    result = measure(model_dir, engines=engines, n_prompts=args.prompts,
+                     n_per_prompt=args.group, prompt_len=args.prompt_len,
+                     max_new_tokens=args.new_tokens, repeats=args.steps, dtype="bfloat16",
+                     device=args.device)
+    return {"check": "engines", "batch": f"{args.prompts}x{args.group}x{args.new_tokens}",
+            "tokens_per_s": result, "skipped": sorted(set(args.engines) - set(engines))}
 
 
 if __name__ == "__main__":

@@ -264,3 +264,22 @@ def test_exact_json_holds_best_of_n_and_the_reward_kl_figure_draws_it_beside_the
                   kl=[TARGET] * STEPS, beta=[0.1] * STEPS, reward=[0.5] * STEPS, exact=exact)
     assert main([str(tmp_path / "sweep")]) == 0
     assert (tmp_path / "sweep" / "reward_vs_kl.png").is_file()
+
+
+def test_runs_sampled_by_another_engine_report_its_mismatch_beside_the_kl(tmp_path):
+    for seed in (0, 1):
+        run = tmp_path / f"{seed}"
+        write_run(run, schedule="adaptive", seed=seed, kl=[TARGET] * STEPS,
+                  beta=[0.1] * STEPS, reward=[0.5] * STEPS)
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        for step, row in enumerate(rows):  # the mismatch of a vLLM run's steps
+            row.update({"rollout/mismatch_k3": 1e-6 * (1 + step % 2),
+                        "rollout/mismatch_max": 1e-3 * (seed + 1) if step == 3 else 1e-4})
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main([str(tmp_path)]) == 0
+    row = read_csv(tmp_path / "runs.csv")["grpo-k3-adaptive-s1"]
+    assert float(row["mismatch_k3"]) == pytest.approx(1.5e-6)  # the mean over steps
+    assert float(row["mismatch_max"]) == pytest.approx(2e-3)   # the largest step's
+    text = (tmp_path / "report.md").read_text()
+    assert "| engine mismatch k3 (mean) | engine max abs Δlog p |" in text
+    assert "| 1.5e-06 ± 0 | 0.0015 ± 0.00071 |" in text

@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from klsweep.algos import ALGORITHMS
+from klsweep.engines import ENGINES, check_engine
 from klsweep.kl import SCHEDULES
 from klsweep.kl.schedules import _accepted_arguments
 from klsweep.models import MODELS
@@ -88,10 +89,25 @@ class OptimConfig:
 
 @dataclass
 class RolloutConfig:
-    """Sampling."""
+    """Sampling: the temperature, the engine that samples and how it follows the policy."""
 
     temperature: float = spec(kind="number", gt=0,
                               help="sampling temperature; log-probs and KL use the same")
+    engine: str = spec(kind="choice", choices=ENGINES,
+                       help="native: klsweep's decoding loop | vllm: a colocated vLLM engine")
+    sync_every: int = spec(kind="integer", ge=1,
+                           help="rollouts between weight syncs into the engine")
+    tis_cap: float | None = spec(kind="number", gt=0, optional=True,
+                                 help="truncated importance sampling cap; null: off")
+    gpu_memory_utilization: float = spec(kind="number", gt=0, le=1,
+                                         help="vllm: share of GPU memory for the engine")
+    kv_cache_gib: float | None = spec(kind="number", gt=0, optional=True,
+                                      help="vllm: KV cache size in GiB; null: vLLM's choice")
+    enforce_eager: bool = spec(kind="bool", help="vllm: no CUDA graphs / compilation")
+
+    @staticmethod
+    def check_run(cfg: Any) -> None:
+        check_engine(cfg)
 
 
 @dataclass

@@ -8,12 +8,13 @@ No Lightning here: the pair is tested alone on CPU, and algorithms see only the 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from klsweep.engines import NativeEngine, RolloutEngine, mismatch_metrics, tis_weights
 from klsweep.kl import (
     DIVERGENCES,
     ESTIMATORS,
@@ -146,13 +147,22 @@ class PolicyPair:
     to the current reference."""
 
     def __init__(self, policy: CausalLM, reference: CausalLM, kl: KLConfig, *,
-                 temperature: float, max_new_tokens: int, eos_id: int) -> None:
+                 temperature: float, max_new_tokens: int, eos_id: int,
+                 engine: RolloutEngine | None = None, sync_every: int = 1,
+                 tis_cap: float | None = None) -> None:
         self.policy = policy
         self.reference = reference
         self.kl = kl
         self.temperature = temperature
         self.max_new_tokens = max_new_tokens
         self.eos_id = eos_id
+        # what samples the policy's completions (rollout.engine), the rollouts between weight
+        # syncs into it, and the truncated importance sampling cap (None: off)
+        self.engine = engine or NativeEngine(policy, temperature=temperature,
+                                             max_new_tokens=max_new_tokens, eos_id=eos_id)
+        self.sync_every = sync_every
+        self.tis_cap = tis_cap
+        self._rollouts = 0
         self.divergence = make_divergence(kl.divergence, kl.alpha)
         if kl.reference.sync_every > 0:
             _check_movable(policy, reference)
@@ -165,14 +175,13 @@ class PolicyPair:
 
     # --- sampling ----------------------------------------------------------------------------
     def sample(self, prompts: Prompts, n_per_prompt: int) -> Rollout:
-        """``n_per_prompt`` completions of each prompt from the policy (in eval mode; its
-        mode is restored after, whatever it was, and when sampling fails)."""
-        was_training = self.policy.training
-        self.policy.eval()
-        try:
-            return self._generate(self.policy, prompts, n_per_prompt)
-        finally:
-            self.policy.train(was_training)
+        """``n_per_prompt`` completions of each prompt from the policy, through the engine.
+        Its weights are the policy's at the first rollout of this process (a resumed run's
+        included) and then every ``sync_every`` rollouts."""
+        if self._rollouts % self.sync_every == 0:
+            self.engine.load_weights(self.policy)
+        self._rollouts += 1
+        return self.engine.sample(prompts, n_per_prompt)
 
     def sample_reference(self, prompts: Prompts, n_per_prompt: int,
                          max_rows: int | None = None) -> Rollout:
@@ -213,7 +222,19 @@ class PolicyPair:
         ref_logits, ref_logp = self.reference_logprobs(rollout)
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             logits, logp = self.policy_logprobs(rollout)
+        if rollout.engine_logp is not None:
+            # sampled by another engine: π_old is the trainer's own view of the tokens (verl's
+            # recomputed old log-probs); the engine's serve the mismatch metrics and TIS
+            rollout = replace(rollout, old_logp=logp.detach() * rollout.mask)
         return Scored(rollout, logits, logp, ref_logits, ref_logp)
+
+    def tis_weights(self, scored: Scored) -> Tensor | None:
+        """Truncated importance weights [B, N] min(π_old/π_engine, rollout.tis_cap) for the
+        policy-gradient term; None when TIS is off or the trainer's model sampled."""
+        engine_logp = scored.rollout.engine_logp
+        if self.tis_cap is None or engine_logp is None:
+            return None
+        return tis_weights(scored.rollout.old_logp, engine_logp, self.tis_cap)
 
     @torch.no_grad()
     def completion_features(self, rollout: Rollout) -> Tensor:
@@ -282,6 +303,8 @@ class PolicyPair:
         })
         metrics["kl/to_init"] = (metrics["kl/mean"] if self.initial is None
                                  else self._kl_to_initial(scored))
+        if rollout.engine_logp is not None:  # the native engine's are the trainer's own
+            metrics.update(mismatch_metrics(logp, rollout.engine_logp, mask))
         # the configured divergence (the KL's: kl/mean and kl/seq again) is what β steers
         values = self.divergence.values(logp, scored.ref_logp, mask, self.kl, logits,
                                         scored.ref_logits)

@@ -50,7 +50,9 @@ class Rollout:
     [B, P] is False on the prompts' left padding; ``mask`` [B, N] marks the completion tokens
     up to and including EOS; ``old_logp`` [B, N] are their log-probabilities under the
     sampling policy (temperature applied). Rows come in consecutive groups of
-    ``group_size`` that share one prompt; ``prompt_index`` [B] says which task prompt."""
+    ``group_size`` that share one prompt; ``prompt_index`` [B] says which task prompt.
+    ``engine_logp`` [B, N]: the sampling engine's own log-probs where the engine is not the
+    trainer's model (vLLM); the trainer's then replace ``old_logp`` when it scores them."""
 
     tokens: Tensor
     prompt_mask: Tensor
@@ -58,6 +60,7 @@ class Rollout:
     old_logp: Tensor
     group_size: int = 1
     prompt_index: Tensor | None = None
+    engine_logp: Tensor | None = None
 
     @property
     def prompt_len(self) -> int:
@@ -93,18 +96,21 @@ class Rollout:
         return Rollout(tokens=fn(self.tokens), prompt_mask=fn(self.prompt_mask),
                        mask=fn(self.mask), old_logp=fn(self.old_logp), group_size=group_size,
                        prompt_index=None if self.prompt_index is None
-                       else fn(self.prompt_index))
+                       else fn(self.prompt_index),
+                       engine_logp=None if self.engine_logp is None else fn(self.engine_logp))
 
     @staticmethod
     def cat(parts: list[Rollout]) -> Rollout:
         """Rollouts of one prompt width stacked by rows."""
         index = [p.prompt_index for p in parts]
+        engine = [p.engine_logp for p in parts]
         return Rollout(tokens=torch.cat([p.tokens for p in parts]),
                        prompt_mask=torch.cat([p.prompt_mask for p in parts]),
                        mask=torch.cat([p.mask for p in parts]),
                        old_logp=torch.cat([p.old_logp for p in parts]),
                        group_size=parts[0].group_size,
-                       prompt_index=None if any(i is None for i in index) else torch.cat(index))
+                       prompt_index=None if any(i is None for i in index) else torch.cat(index),
+                       engine_logp=None if any(e is None for e in engine) else torch.cat(engine))
 
 
 # Decoding in chunks draws every step's random numbers first: max_new_tokens × vocab of them a

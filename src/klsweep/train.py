@@ -30,6 +30,7 @@ from klsweep.checkpoint import (
     run_settings,
 )
 from klsweep.config import build_schedule, validate
+from klsweep.engines import build_engine
 from klsweep.errors import RunFailed
 from klsweep.models import build_models, export_policy, load_tokenizer
 from klsweep.module import KLPolicyModule
@@ -64,9 +65,12 @@ def build_module(cfg: DictConfig, task: Task | None = None,
     ``models`` replace the ones the config names (the benchmark's)."""
     task = task or build_task(cfg.task, load_tokenizer(cfg.model))
     policy, reference = models or build_models(cfg.model, task)
+    engine = build_engine(cfg.rollout, cfg.model, policy, max_new_tokens=task.max_new_tokens,
+                          eos_id=task.eos_id, seed=cfg.seed)
     pair = PolicyPair(policy, reference, from_node(KLConfig, cfg.kl),
                       temperature=cfg.rollout.temperature,
-                      max_new_tokens=task.max_new_tokens, eos_id=task.eos_id)
+                      max_new_tokens=task.max_new_tokens, eos_id=task.eos_id, engine=engine,
+                      sync_every=cfg.rollout.sync_every, tis_cap=cfg.rollout.tis_cap)
     algorithm = ALGORITHMS[cfg.algo.name]
     return KLPolicyModule(pair, task, algorithm(from_node(algorithm.Config, cfg.algo)),
                           build_schedule(cfg.kl), steps=cfg.steps, seed=cfg.seed,

@@ -81,11 +81,14 @@ def advantage_scale(rewards: Tensor, group_size: int, scale: str = "group",
 
 def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
               clip_eps: float, loss_agg: str, kl: Tensor | None = None,
-              beta: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+              beta: float = 0.0, tis: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO's loss: the clipped surrogate on sequence advantages [B] broadcast over tokens,
     plus ``beta`` times the per-token KL term ``kl`` [B, N] when the KL is in the loss, both
-    aggregated the same way over the completion ``mask``."""
+    aggregated the same way over the completion ``mask``. ``tis`` [B, N]: truncated
+    importance weights on the surrogate (rollout.tis_cap), not on the KL term."""
     surrogate, ratio, clipped = clipped_surrogate(logp, old_logp, advantages, clip_eps)
+    if tis is not None:
+        surrogate = surrogate * tis
     policy_loss = aggregate(surrogate, mask, loss_agg)
     kl_loss = aggregate(kl, mask, loss_agg) if kl is not None else logp.new_zeros(())
     loss = policy_loss + beta * kl_loss
@@ -120,6 +123,7 @@ class GRPO(Algorithm):
         metrics["policy/advantage_scale"] = scale
 
         logits, logp = scored.logits, scored.logp
+        tis = pair.tis_weights(scored)
         for update in range(c.updates_per_rollout):
             if update > 0:
                 logits, logp = pair.policy_logprobs(rollout)
@@ -127,7 +131,7 @@ class GRPO(Algorithm):
             kl_term = (pair.kl_loss_term(logp, scored.ref_logp, logits, scored.ref_logits,
                                          old_logp, mask) if placement == "loss" else None)
             loss, stats = grpo_loss(logp, old_logp, advantages, mask, clip_eps=c.clip_eps,
-                                    loss_agg=c.loss_agg, kl=kl_term, beta=beta)
+                                    loss_agg=c.loss_agg, kl=kl_term, beta=beta, tis=tis)
             optimize(loss)
             if update == 0:
                 metrics.update({k: float(v) for k, v in stats.items()})

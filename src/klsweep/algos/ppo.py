@@ -186,6 +186,7 @@ class PPO(Algorithm):
             advantages = whiten(advantages, mask)
         metrics["policy/advantage_scale"] = scale
 
+        tis = pair.tis_weights(scored)
         totals: dict[str, float] = {}
         updates = 0
         for _ in range(c.ppo_epochs):
@@ -194,6 +195,8 @@ class PPO(Algorithm):
                 mb_logits, logp = pair.policy_logprobs(rollout.rows(index))
                 surrogate, ratio, clipped = clipped_surrogate(logp, old_logp[index],
                                                               advantages[index], c.clip_eps)
+                if tis is not None:  # truncated IS on the policy-gradient term only
+                    surrogate = surrogate * tis[index]
                 policy_loss = masked_mean(surrogate, mb_mask)
                 value_loss, value_clipfrac = clipped_value_loss(
                     self.value_head(features[index]), old_values[index], returns[index],

@@ -7,6 +7,7 @@ second copy in memory, as TRL). Building them from the config: ``models/hf_build
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -52,6 +53,11 @@ class HFCausalLM(nn.Module):
         self.hidden_size: int = model.config.hidden_size
         self.chunk_rows = chunk_rows
         self.checkpointing = False
+        # transformers 5.24 renamed forward's past_key_values to cache; an unknown keyword
+        # lands in **kwargs unread, and the model would run without its cache
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._cache_arg = ("cache" if "cache" in inspect.signature(base.forward).parameters
+                           else "past_key_values")
 
     def _output(self, tokens: Tensor, attention_mask: Tensor | None, cache: HFCache | None,
                 keep: int, **kwargs: Any) -> Any:
@@ -60,8 +66,9 @@ class HFCausalLM(nn.Module):
         if attention_mask is not None:
             kwargs.update(attention_mask=attention_mask.long(),
                           position_ids=padded_positions(attention_mask, tokens.shape[1]))
-        return self.model(input_ids=tokens, cache=None if cache is None else cache.inner,
-                          use_cache=cache is not None, logits_to_keep=keep, **kwargs)
+        kwargs[self._cache_arg] = None if cache is None else cache.inner
+        return self.model(input_ids=tokens, use_cache=cache is not None, logits_to_keep=keep,
+                          **kwargs)
 
     def forward(self, tokens: Tensor, attention_mask: Tensor | None = None,
                 cache: HFCache | None = None, *, last_only: bool = False) -> Tensor:

@@ -13,7 +13,7 @@ from klsweep.report.runs import GROUP_METRICS, Group, Run, failures, ranked_grou
 CSV_COLUMNS = ("run", "group", "task", "algo", "estimator", "schedule", "placement", "seed",
                "status", "steps_done", "target", "unit", *GROUP_METRICS[:4], "reward_final",
                "kl_final", "kl_seq_final", "beta_final", "exact_kl", "exact_reward",
-               "exact_frontier_gap", "wall_time_s", "path")
+               "exact_frontier_gap", "mismatch_k3", "mismatch_max", "wall_time_s", "path")
 
 
 def write_csv(path: Path, groups: Sequence[Group]) -> None:
@@ -85,14 +85,19 @@ _GROUP_COLUMNS = (("steps to ±20%", "steps_to_target", 3, "never"),
 _EXACT_COLUMNS = (("exact KL (nats/token)", "exact_kl", 3, "–"),
                   ("exact reward", "exact_reward", 3, "–"),
                   ("gap to frontier", "exact_frontier_gap", 2, "–"))
+_ENGINE_COLUMNS = (("engine mismatch k3 (mean)", "mismatch_k3", 2, "–"),
+                   ("engine max abs Δlog p", "mismatch_max", 2, "–"))
 _WALL_TIME_COLUMN = (("wall time (s)", "wall_time_s", 2, "–"),)
 
 
 def group_table(members: Sequence[Group]) -> list[str]:
     """The markdown table of a panel's groups, mean ± std over seeds; the exact task's own
-    columns where its runs have them."""
+    columns where its runs have them, and the rollout engine's mismatch where an engine other
+    than the trainer's model sampled."""
     exact = any(g.stats["exact_kl"][2] for g in members)
-    columns = _GROUP_COLUMNS + (_EXACT_COLUMNS if exact else ()) + _WALL_TIME_COLUMN
+    engine = any(g.stats["mismatch_k3"][2] for g in members)
+    columns = (_GROUP_COLUMNS + (_EXACT_COLUMNS if exact else ())
+               + (_ENGINE_COLUMNS if engine else ()) + _WALL_TIME_COLUMN)
     lines = ["| group | seeds | " + " | ".join(c[0] for c in columns) + " |",
              "|---" * (len(columns) + 2) + "|"]
     for g in members:

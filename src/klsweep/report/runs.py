@@ -29,6 +29,9 @@ GROUP_METRICS = ("steps_to_target", "overshoot", "tracking_error", "beta_volatil
                  "reward_final", "kl_final", "wall_time_s")
 # The exact task's last evaluation, aggregated too where runs have it.
 EXACT_METRICS = ("exact_kl", "exact_reward", "exact_frontier_gap")
+# How far a rollout engine's log-probs were from the trainer's (rollout.engine=vllm), over
+# the whole run: the mean of each step's rollout/mismatch_k3 and the largest mismatch_max.
+ENGINE_METRICS = ("mismatch_k3", "mismatch_max")
 
 
 @dataclass
@@ -186,7 +189,17 @@ def run_record(run: Run) -> dict[str, Any]:
         "path": str(run.path),
     }
     record.update(exact_record(run))
+    record.update(engine_record(run))
     return record
+
+
+def engine_record(run: Run) -> dict[str, float]:
+    """The engine-trainer mismatch over the run's steps (none: the trainer's model sampled)."""
+    rows = [row for row in run.rows if "rollout/mismatch_k3" in row]
+    if not rows:
+        return {}
+    return {"mismatch_k3": sum(row["rollout/mismatch_k3"] for row in rows) / len(rows),
+            "mismatch_max": max(row["rollout/mismatch_max"] for row in rows)}
 
 
 def exact_record(run: Run) -> dict[str, float]:
@@ -236,7 +249,7 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
         for run in group.runs:
             run.record["group"] = group.label
         group.stats = {m: mean_std(r.record.get(m, math.nan) for r in group.runs)
-                       for m in GROUP_METRICS + EXACT_METRICS}
+                       for m in GROUP_METRICS + EXACT_METRICS + ENGINE_METRICS}
     return sorted(groups.values(), key=lambda g: (g.panel, *_rank(g), g.label))
 
 
