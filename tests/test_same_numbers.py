@@ -32,7 +32,7 @@ COMMANDS = {
 
 
 def cpu_kind() -> str:
-    """The processor's vendor and the instruction set ATen dispatches to, e.g. AuthenticAMD-AVX512."""
+    """The processor's vendor and the instruction set ATen dispatches to (AuthenticAMD-AVX512)."""
     vendor = "unknown"
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
