@@ -47,3 +47,20 @@ def run_and_read(run_dir: Path, *overrides: str) -> tuple[dict, list[dict]]:
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return summary, rows
+
+
+def assert_refused_in_one_line(overrides: list[str], message: str, run_dir: Path,
+                               monkeypatch: pytest.MonkeyPatch,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m klsweep OVERRIDES`` exits with status 2 and one line naming ``message``,
+    before it writes anything into ``run_dir``."""
+    from klsweep.__main__ import main
+
+    monkeypatch.setattr(sys, "argv", ["klsweep", *overrides, f"hydra.run.dir={run_dir}"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("klsweep: error: ")
+    assert message in err
+    assert not run_dir.exists()

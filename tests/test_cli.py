@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from klsweep.__main__ import main
-from tests.conftest import TINY, run_klsweep
+from tests.conftest import TINY, assert_refused_in_one_line, run_klsweep
 
 
 @pytest.mark.parametrize("override,message", [
@@ -27,15 +27,7 @@ from tests.conftest import TINY, run_klsweep
 ])
 def test_bad_input_fails_in_one_line_before_anything_is_written(
         override, message, tmp_path, monkeypatch, capsys):
-    run_dir = tmp_path / "run"
-    monkeypatch.setattr(sys, "argv", ["klsweep", override, f"hydra.run.dir={run_dir}"])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("klsweep: error: ")
-    assert message in err
-    assert not run_dir.exists()
+    assert_refused_in_one_line([override], message, tmp_path / "run", monkeypatch, capsys)
 
 
 def test_a_bad_value_in_a_grid_fails_before_the_first_job(tmp_path, monkeypatch, capsys):

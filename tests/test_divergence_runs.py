@@ -3,15 +3,13 @@ exact-task run under another divergence logs the optimum of its own divergence a
 which exact.json alone reproduces."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
 
-from klsweep.__main__ import main
 from klsweep.exact_divergence import divergence, optimum
 from klsweep.kl.divergences import make_divergence
-from tests.conftest import run_and_read
+from tests.conftest import assert_refused_in_one_line, run_and_read
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -33,15 +31,7 @@ from tests.conftest import run_and_read
 ])
 def test_bad_divergence_settings_fail_in_one_line_before_anything_is_written(
         overrides, message, tmp_path, monkeypatch, capsys):
-    run_dir = tmp_path / "run"
-    monkeypatch.setattr(sys, "argv", ["klsweep", *overrides, f"hydra.run.dir={run_dir}"])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("klsweep: error: ")
-    assert message in err
-    assert not run_dir.exists()
+    assert_refused_in_one_line(overrides, message, tmp_path / "run", monkeypatch, capsys)
 
 
 SMALL_EXACT = ["task=exact", "task.vocab_size=3", "task.completion_len=3", "steps=4",

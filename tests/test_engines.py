@@ -4,13 +4,12 @@ itself is tested in tests/test_vllm_engine.py (``pytest -m vllm``)."""
 
 import importlib.util
 import math
-import sys
 
 import pytest
 import torch
 
-from klsweep.__main__ import main
 from klsweep.engines import mismatch_metrics, tis_weights
+from tests.conftest import assert_refused_in_one_line
 
 
 def test_mismatch_k3_is_an_unbiased_estimate_of_kl_from_engine_to_trainer():
@@ -69,14 +68,7 @@ def test_bad_rollout_input_fails_in_one_line_before_anything_is_written(
     run_dir = tmp_path / "run"
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "The movie was"}\n')
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["klsweep", *overrides, f"hydra.run.dir={run_dir}"])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("klsweep: error: ")
-    assert message in err
-    assert not run_dir.exists()
+    assert_refused_in_one_line(overrides, message, run_dir, monkeypatch, capsys)
 
 
 def test_a_lora_policy_sends_vllm_its_base_weights_with_the_adapter_merged_under_hf_names(
