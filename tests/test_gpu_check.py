@@ -16,7 +16,12 @@ def test_the_gpu_check_script_runs_grpo_and_dpo_with_full_fine_tuning_and_lora()
          "--warmup", "1", "--prompts", "2", "--group", "2", "--pairs", "2", "--prompt-len", "4",
          "--new-tokens", "4"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    rows = [r for r in lines if "algo" in r]
     assert [(r["algo"], r["lora"]) for r in rows] == [("grpo", False), ("grpo", True),
                                                       ("dpo", False), ("dpo", True)]
+    # and the engines compared on one batch: native always, vllm where it is installed
+    [engines] = [r for r in lines if r.get("check") == "engines"]
+    assert engines["tokens_per_s"]["native"] > 0
+    assert set(engines["tokens_per_s"]) | set(engines.get("skipped", [])) == {"native", "vllm"}
     assert all(r["step_ms"] > 0 for r in rows)

@@ -10,6 +10,7 @@ import torch
 
 from klsweep.config import ConfigError, choice_config, compose_and_validate
 from klsweep.exact_math import expected_reward
+from klsweep.kl.divergences import make_divergence
 from klsweep.models.tiny import TinyGPT
 from klsweep.preferences import bradley_terry_loss
 from klsweep.rollout import Prompts, generate
@@ -125,7 +126,8 @@ def test_the_policy_is_rewarded_with_the_proxy_and_every_batch_logs_gold_and_pro
 def test_exact_figures_are_on_the_proxy_beside_the_exact_gold_reward(tmp_path):
     task = _exact(tmp_path)
     pair = SimpleNamespace(policy=_model(task, 1), reference=_model(task, 2), initial=None,
-                           temperature=1.0)
+                           temperature=1.0, divergence=make_divergence("reverse_kl"),
+                           kl=SimpleNamespace(unit="token"))
     metrics = task.evaluate(pair, step=0, beta_seq=0.1)
     policy_logp = task.sequence_logprobs(pair.policy)
     assert metrics["exact/proxy_reward"] == metrics["exact/reward"] == pytest.approx(

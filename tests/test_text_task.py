@@ -14,7 +14,8 @@ import torch
 from datasets import Dataset, DatasetDict
 from omegaconf import OmegaConf
 
-from klsweep.config import CONF_DIR, ConfigError, check_node, choice_config, compose_and_validate
+from klsweep.config import CONF_DIR, ConfigError, choice_config, compose_and_validate
+from klsweep.schema import check_node
 from klsweep.errors import RunFailed
 from klsweep.rollout import Rollout
 from klsweep.tasks.text import TextConfig, TextTask, check_text_task
