@@ -15,9 +15,9 @@ from datasets import Dataset, DatasetDict
 from omegaconf import OmegaConf
 
 from klsweep.config import CONF_DIR, ConfigError, choice_config, compose_and_validate
-from klsweep.schema import check_node
 from klsweep.errors import RunFailed
 from klsweep.rollout import Rollout
+from klsweep.schema import check_node
 from klsweep.tasks.text import TextConfig, TextTask, check_text_task
 from tests.hf_fixtures import build_tokenizer
 
