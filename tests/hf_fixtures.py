@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -97,3 +98,10 @@ def save_tiny_model(directory: str | os.PathLike, arch: str, vocab_size: int | N
         model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(directory)
     return directory
+
+
+def write_prompt_file(directory: str | os.PathLike, prompts: list[str]) -> Path:
+    """A prompts.jsonl of ``prompts`` in ``directory``, as task.prompts reads it."""
+    path = Path(directory) / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return path

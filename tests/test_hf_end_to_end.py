@@ -8,7 +8,7 @@ import math
 import pytest
 
 from tests.conftest import run_and_read
-from tests.hf_fixtures import save_tiny_model
+from tests.hf_fixtures import save_tiny_model, write_prompt_file
 
 PROMPTS = ["The movie was", "I think this food is", "My day was", "The weather today is",
            "This book made me", "Our trip to the sea was"]
@@ -22,9 +22,7 @@ SMALL = {"grpo": ["algo.prompts_per_step=2", "algo.group_size=2"],
 
 @pytest.fixture(scope="module")
 def prompt_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    return path
+    return write_prompt_file(tmp_path_factory.mktemp("data"), PROMPTS)
 
 
 @pytest.fixture(scope="module")

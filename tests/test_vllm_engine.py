@@ -5,7 +5,6 @@ float32 on CPU: the engine's and the trainer's kernels differ only in rounding, 
 log-probs of one token agree to ~1e-5 (measured: a few 1e-6 over a vocabulary of 320); a
 policy moved by optimiser steps, if its new weights were not pushed, disagrees by ~1e-1."""
 
-import json
 import math
 import signal
 
@@ -17,7 +16,7 @@ pytest.importorskip("vllm")
 from klsweep.config import compose_and_validate  # noqa: E402
 from klsweep.train import build_module  # noqa: E402
 from tests.conftest import run_and_read, run_klsweep  # noqa: E402
-from tests.hf_fixtures import build_tokenizer  # noqa: E402
+from tests.hf_fixtures import build_tokenizer, write_prompt_file  # noqa: E402
 from tests.test_resume import assert_same_run, rows_written, start, wait_for  # noqa: E402
 
 pytestmark = [pytest.mark.vllm]
@@ -59,9 +58,7 @@ def llama(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prompt_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    return path
+    return write_prompt_file(tmp_path_factory.mktemp("data"), PROMPTS)
 
 
 @pytest.fixture(scope="module")
