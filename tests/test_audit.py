@@ -12,8 +12,10 @@ import pytest
 
 from klsweep.audit.config import check, compose_audit
 from klsweep.audit.run import audit
+from klsweep.report import main as report_main
 from klsweep.schema import ConfigError
 from tests.conftest import REPO
+from tests.test_report import write_run
 
 # 2 prompts × 3³ completions and a 1-layer model: every expectation is a sum of 54 terms
 SMALL = ["task=exact", "task.vocab_size=3", "task.completion_len=3", "task.n_prompts=2",
@@ -109,16 +111,36 @@ def test_bad_input_fails_in_one_line(override, message):
     assert result.stderr.strip().count("\n") == 0 and message in result.stderr
 
 
-def test_the_command_writes_the_table_the_figure_and_a_wandb_table(tmp_path):
+def test_the_command_writes_the_table_the_figure_and_a_wandb_table_and_the_report_takes_them(
+        tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    audit_dir = tmp_path / "audit"
     args = [a for a in SMALL if a != "logger=none"] + [
-        "audit.staleness=2", "audit.samples=64", "audit.groups=4", f"hydra.run.dir={tmp_path}"]
+        "audit.staleness=2", "audit.samples=64", "audit.groups=4", f"hydra.run.dir={audit_dir}"]
     result = subprocess.run([sys.executable, "-m", "klsweep.audit", *args], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    record = json.loads((tmp_path / "audit.json").read_text())
+    record = json.loads((audit_dir / "audit.json").read_text())
     assert record["staleness"] == 2 and record["method"] == "enumeration"
+    assert (audit_dir / "audit.png").stat().st_size > 0
+    table = (audit_dir / "audit.md").read_text()
+    assert "| k3 | loss | estimator | true | token | forward_kl |" in table
+    assert list(audit_dir.glob("wandb/offline-run-*/files/media/table/audit_*.table.json"))
+
+    # beside a sweep's runs, the schedule report copies the table into its folder, shows
+    # rel_bias per way of forming the term, and logs the rows as a W&B table
+    write_run(tmp_path / "runs" / "0", schedule="fixed", seed=0, kl=[0.01] * 50,
+              beta=[0.1] * 50, reward=[0.5] * 50)
+    assert report_main([str(tmp_path), "--wandb"]) == 0
+    assert (tmp_path / "audit.md").read_text() == table
     assert (tmp_path / "audit.png").stat().st_size > 0
-    assert "| k3 | loss | estimator | true | token | forward_kl |" in (
-        tmp_path / "audit.md").read_text()
-    assert list(tmp_path.glob("wandb/offline-run-*/files/media/table/audit_*.table.json"))
+    report = (tmp_path / "report.md").read_text()
+    k3_loss = next(r for r in record["rows"] if (r["estimator"], r["placement"], r["gradient"],
+                                                 r["is_correction"], r["unit"], r["target"])
+                   == ("k3", "loss", "estimator", False, "token", "forward_kl"))
+    assert "## KL-gradient audit" in report and "staleness 2" in report
+    assert re.search(r"\| k3 in the loss \| [^|]+ \| [^|]+ \| "
+                     + re.escape(f"{k3_loss['rel_bias']:.3g}") + r" \|", report)
+    logged = next(tmp_path.glob("wandb/offline-run-*/files/media/table/report/"
+                                "audit_table_*.table.json"))
+    assert len(json.loads(logged.read_text())["data"]) == len(record["rows"])

@@ -8,6 +8,8 @@ the first PATH (or ``--out``) ``report.md`` and ``runs.csv`` (``markdown``) and 
 mean ± std over its seeds; groups are compared within one panel per (task, algorithm).
 Each panel's schedules are also compared at equal drift, the reward where each run's KL
 first reached common levels (``equal_drift``: equal_drift.md, a section and a figure).
+KL-gradient audits found under the PATHs join the report (``audits``: their tables and
+figures copied beside it, a section).
 ``--wandb`` logs the tables and figures to a W&B run of job_type=report (``wandb_run``).
 """
 
@@ -34,6 +36,7 @@ def build_report(paths: Sequence[str], out: Path | None = None,
     """Read the runs under ``paths``, write report.md, runs.csv and the figures into ``out``
     (default: the first path); return report.md's path. ``budget``: the KL level the
     equal-drift comparison always includes (default: the runs' common kl.target)."""
+    from klsweep.report import audits as audit_files
     from klsweep.report import equal_drift
     from klsweep.report.figures import draw_all
     from klsweep.report.overoptimization import (
@@ -68,13 +71,18 @@ def build_report(paths: Sequence[str], out: Path | None = None,
         equal_drift.plot_equal_drift(drift, out / equal_drift.FIGURE)
         figures["Reward against KL at equal drift"] = equal_drift.FIGURE
         (out / equal_drift.TABLE).write_text("\n".join(drift_lines))
+    audits = audit_files.find_audits(paths)
+    figures.update(audit_files.copy_into(audits, out))
     report = out / "report.md"
     write_markdown(report, runs, groups, figures, [str(p) for p in paths],
-                   sections=[*(markdown_lines(proxies) if proxies else ()), *drift_lines])
+                   sections=[*(markdown_lines(proxies) if proxies else ()), *drift_lines,
+                             *(audit_files.markdown_lines(audits) if audits else ())])
     if use_wandb:
         tables = {"equal_drift_table": (equal_drift.COLUMNS, [row for c in drift
                                                               for row in c.rows()])} \
             if drift else {}
+        if audits:
+            tables["audit_table"] = audit_files.wandb_table(audits)
         wandb_dir = log_to_wandb(out, runs, groups, figures, tables)
         log.info("klsweep.report: logged to W&B run %s", wandb_dir)
     return report
