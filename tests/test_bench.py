@@ -107,7 +107,8 @@ def test_the_human_summary_names_the_rate_the_roofline_and_the_phases(capsys):
 
 class _Pair:
     def sample(self): return "sampled"
-    sample_reference = reference_logprobs = policy_logprobs = completion_features = sample
+    sample_reference = reference_logprobs = policy_logprobs = sample
+    policy_logprobs_and_features = sample
 
 
 class _Module:

@@ -11,6 +11,7 @@ from hf_fixtures import save_tiny_model
 from omegaconf import OmegaConf
 
 from klsweep.config import CONF_DIR
+from klsweep.models.base import padded_positions
 from klsweep.models.hf import AdapterDisabled, HFCausalLM, save_adapter
 from klsweep.models.hf_build import build_hf, load_tokenizer
 from klsweep.models.reference import ReferenceRecipe
@@ -116,23 +117,36 @@ def test_chunked_scoring_without_gradient_equals_one_pass(checkpoints, chunk_row
     tokens = prompts.repeat_interleave(2, dim=0)
     mask = prompt_mask.repeat_interleave(2, dim=0)
     with torch.no_grad():
-        got = chunked.completion_logits(tokens, mask, PROMPT_LEN, group_size=2)
-        hidden = chunked.completion_hidden(tokens, mask, PROMPT_LEN)
+        got, hidden = chunked.completion_logits_and_hidden(tokens, mask, PROMPT_LEN, 2)
         chunked.chunk_rows = None
-        want = chunked.completion_logits(tokens, mask, PROMPT_LEN, group_size=2)
-        want_hidden = chunked.completion_hidden(tokens, mask, PROMPT_LEN)
+        want, want_hidden = chunked.completion_logits_and_hidden(tokens, mask, PROMPT_LEN, 2)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     torch.testing.assert_close(hidden, want_hidden, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("group_size", [1, 3])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_completion_hidden_is_what_the_head_reads(checkpoints, arch):
+def test_one_pass_gives_the_logits_and_the_hidden_states_of_two(checkpoints, arch, group_size):
+    """PPO's critic reads the hidden states of the pass that scored the rollout: its logits
+    are completion_logits' to the bit, and its states are those a second pass returns as the
+    last of ``output_hidden_states`` (the lm head's input), to the bit where that pass is the
+    same one (no shared prompt), and the head turns them into the logits."""
     policy, _ = build(checkpoints[arch])
-    tokens, mask, _ = padded_batch(3)
+    prompts, prompt_mask, _ = padded_batch(3)
+    tokens = prompts.repeat_interleave(group_size, dim=0)
+    mask = prompt_mask.repeat_interleave(group_size, dim=0)
     with torch.no_grad():
-        hidden = policy.completion_hidden(tokens, mask, PROMPT_LEN)
-        logits = policy.completion_logits(tokens, mask, PROMPT_LEN)
-        assert hidden.shape == (3, NEW_TOKENS, policy.hidden_size)
+        logits, hidden = policy.completion_logits_and_hidden(tokens, mask, PROMPT_LEN,
+                                                             group_size)
+        assert torch.equal(logits, policy.completion_logits(tokens, mask, PROMPT_LEN,
+                                                            group_size))
+        second = policy.model(input_ids=tokens[:, :-1], attention_mask=mask[:, :-1].long(),
+                              position_ids=padded_positions(mask[:, :-1], tokens.shape[1] - 1),
+                              output_hidden_states=True).hidden_states[-1][:, PROMPT_LEN - 1:]
+        assert hidden.shape == (tokens.shape[0], NEW_TOKENS, policy.hidden_size)
+        if group_size == 1:
+            assert torch.equal(hidden, second)
+        torch.testing.assert_close(hidden, second, rtol=0, atol=1e-5)
         torch.testing.assert_close(policy.model.lm_head(hidden), logits, rtol=0, atol=1e-5)
 
 

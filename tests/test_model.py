@@ -2,6 +2,7 @@
 
 from dataclasses import replace
 
+import pytest
 import torch
 
 from klsweep.config import choice_config
@@ -72,3 +73,26 @@ def test_grouped_completion_logits_equal_one_pass_per_row():
     grad_grouped = torch.autograd.grad((grouped * weights).sum(), model.wte.weight)[0]
     grad_plain = torch.autograd.grad((plain * weights).sum(), model.wte.weight)[0]
     torch.testing.assert_close(grad_grouped, grad_plain, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("group_size", [1, 4])
+def test_one_pass_gives_the_logits_and_the_hidden_states_of_two(group_size):
+    """PPO's critic reads the hidden states of the pass that scored the rollout: its logits
+    are completion_logits' to the bit, and its states are those of a second pass through the
+    trunk, to the bit where that pass is the same one (no shared prompt), and the head turns
+    them into the logits."""
+    model = _model(6)
+    torch.manual_seed(6)
+    prompts = torch.randint(0, 11, (3, 4))
+    rollout = generate(model, Prompts.unpadded(prompts), n_per_prompt=4, max_new_tokens=6,
+                       eos_id=10)
+    tokens, P = rollout.tokens, rollout.prompt_len
+    with torch.no_grad():
+        logits, hidden = model.completion_logits_and_hidden(tokens, None, P, group_size)
+        assert torch.equal(logits, model.completion_logits(tokens, None, P, group_size))
+        second = model.hidden_states(tokens[:, :-1])[:, P - 1:]
+    assert hidden.shape == (12, 6, model.hidden_size)
+    if group_size == 1:
+        assert torch.equal(hidden, second)
+    torch.testing.assert_close(hidden, second, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.lm_head(hidden), logits)

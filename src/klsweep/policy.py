@@ -30,6 +30,7 @@ from klsweep.rollout import (
     Rollout,
     completion_logits,
     generate,
+    tempered,
     token_entropy,
     token_logprobs,
 )
@@ -93,13 +94,15 @@ class KLConfig:
 class Scored:
     """A rollout with the policy's and the reference's view of its completion tokens:
     logits [B, N, vocab] (temperature applied) and log-probs [B, N]. The policy's carry
-    their gradient when the rollout was scored with one."""
+    their gradient when the rollout was scored with one. ``features``: the policy's final
+    hidden states [B, N, C] from the same pass, without gradient, when asked for."""
 
     rollout: Rollout
     logits: Tensor
     logp: Tensor
     ref_logits: Tensor
     ref_logp: Tensor
+    features: Tensor | None = None
 
     @property
     def mask(self) -> Tensor:
@@ -107,7 +110,8 @@ class Scored:
 
     def rows(self, index: Tensor, group_size: int = 1) -> Scored:
         return Scored(self.rollout.rows(index, group_size), self.logits[index], self.logp[index],
-                      self.ref_logits[index], self.ref_logp[index])
+                      self.ref_logits[index], self.ref_logp[index],
+                      None if self.features is None else self.features[index])
 
 
 @dataclass
@@ -216,17 +220,30 @@ class PolicyPair:
         logits = completion_logits(self.policy, rollout, self.temperature)
         return logits, token_logprobs(logits, rollout.completions)
 
-    def score(self, rollout: Rollout, *, grad: bool = True) -> Scored:
+    def policy_logprobs_and_features(self, rollout: Rollout) -> tuple[Tensor, Tensor, Tensor]:
+        """``policy_logprobs`` and, from the same pass of the trunk, the policy's final hidden
+        states [B, N, C] at the positions that predict each completion token (the states a
+        value head reads), without gradient."""
+        raw, hidden = self.policy.completion_logits_and_hidden(
+            rollout.tokens, rollout.attention_mask, rollout.prompt_len, rollout.group_size)
+        logits = tempered(raw, self.temperature)
+        return logits, token_logprobs(logits, rollout.completions), hidden.detach()
+
+    def score(self, rollout: Rollout, *, grad: bool = True, features: bool = False) -> Scored:
         """Both models' log-probs of ``rollout`` (each shared prompt computed once per group);
-        the policy's with gradient unless ``grad`` is false."""
+        the policy's with gradient unless ``grad`` is false, and its ``features`` from the
+        same pass when asked for."""
         ref_logits, ref_logp = self.reference_logprobs(rollout)
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            logits, logp = self.policy_logprobs(rollout)
+            if features:
+                logits, logp, hidden = self.policy_logprobs_and_features(rollout)
+            else:
+                (logits, logp), hidden = self.policy_logprobs(rollout), None
         if rollout.engine_logp is not None:
             # sampled by another engine: π_old is the trainer's own view of the tokens (verl's
             # recomputed old log-probs); the engine's serve the mismatch metrics and TIS
             rollout = replace(rollout, old_logp=logp.detach() * rollout.mask)
-        return Scored(rollout, logits, logp, ref_logits, ref_logp)
+        return Scored(rollout, logits, logp, ref_logits, ref_logp, hidden)
 
     def tis_weights(self, scored: Scored) -> Tensor | None:
         """Truncated importance weights [B, N] min(π_old/π_engine, rollout.tis_cap) for the
@@ -235,13 +252,6 @@ class PolicyPair:
         if self.tis_cap is None or engine_logp is None:
             return None
         return tis_weights(scored.rollout.old_logp, engine_logp, self.tis_cap)
-
-    @torch.no_grad()
-    def completion_features(self, rollout: Rollout) -> Tensor:
-        """The policy's final hidden states [B, N, C] at the positions that predict each
-        completion token: the states a value head reads, without gradient."""
-        return self.policy.completion_hidden(rollout.tokens, rollout.attention_mask,
-                                             rollout.prompt_len)
 
     @torch.no_grad()
     def sync_reference(self) -> None:

@@ -230,8 +230,13 @@ def completion_logits(model: CausalLM, rollout: Rollout, temperature: float = 1.
     """Logits [B, N, vocab] that predict each completion token of ``rollout``, in float32 and
     divided by the sampling temperature, so that they describe the distribution the tokens
     were drawn from."""
-    logits = model.completion_logits(rollout.tokens, rollout.attention_mask,
-                                     rollout.prompt_len, rollout.group_size).float()
+    return tempered(model.completion_logits(rollout.tokens, rollout.attention_mask,
+                                            rollout.prompt_len, rollout.group_size), temperature)
+
+
+def tempered(logits: Tensor, temperature: float) -> Tensor:
+    """A model's raw logits in float32, divided by the sampling temperature."""
+    logits = logits.float()
     return logits / temperature if temperature != 1.0 else logits
 
 

@@ -81,12 +81,13 @@ class FreshSamples:
 
 
 def sample_and_score(pair: PolicyPair, task: Task, prompts: Prompts, n_per_prompt: int, *,
-                     grad: bool = True) -> FreshSamples:
-    """The prelude every algorithm shares: sample → reward → both models' log-probs → the
-    step's KL and reward statistics."""
+                     grad: bool = True, features: bool = False) -> FreshSamples:
+    """The prelude every algorithm shares: sample → reward → both models' log-probs (and
+    the policy's ``features`` from the same pass, for a critic) → the step's KL and reward
+    statistics."""
     rollout = pair.sample(prompts, n_per_prompt)
     rewards = task.reward(rollout)
-    scored = pair.score(rollout, grad=grad)
+    scored = pair.score(rollout, grad=grad, features=features)
     measurement = pair.measure(scored, rewards)
     measurement.metrics.update(task.reward_metrics(rollout, rewards))
     return FreshSamples(scored, rewards, measurement)

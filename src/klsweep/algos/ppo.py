@@ -165,14 +165,15 @@ class PPO(Algorithm):
     def step(self, pair: PolicyPair, task: Task, prompts: Prompts, beta: float,
              optimize: Optimize) -> StepResult:
         c, placement = self.config, pair.kl.placement
-        fresh = sample_and_score(pair, task, prompts, c.samples_per_prompt, grad=False)
-        scored, scores = fresh.scored, fresh.rewards
+        # the critic reads the features of the policy that sampled, from the pass that
+        # scored the rollout; they stay fixed over this rollout's epochs, so the head trains
+        # on that one forward pass of the trunk
+        fresh = sample_and_score(pair, task, prompts, c.samples_per_prompt, grad=False,
+                                 features=True)
+        scored, scores, features = fresh.scored, fresh.rewards, fresh.scored.features
         rollout, mask, old_logp = scored.rollout, scored.mask, scored.logp
         metrics = dict(fresh.measurement.metrics)
         with torch.no_grad():
-            # the critic reads the features of the policy that sampled; they stay fixed over
-            # this rollout's epochs, so the head trains on one forward pass of the trunk
-            features = pair.completion_features(rollout)
             old_values = self.value_head(features) * mask
 
         kl_t = (pair.reward_penalty(old_logp, scored.ref_logp, scored.logits,

@@ -69,7 +69,7 @@ def timed_phases(module: L.LightningModule, clock: PhaseClock) -> Iterator[None]
     seams = {(pair, "sample"): "sampling", (pair, "sample_reference"): "sampling",
              (pair, "reference_logprobs"): "reference",
              (pair, "policy_logprobs"): "policy.forward",
-             (pair, "completion_features"): "policy.forward",
+             (pair, "policy_logprobs_and_features"): "policy.forward",
              (module, "manual_backward"): "policy.backward",
              (module, "clip_gradients"): "optimiser"}
     for (owner, attr), name in seams.items():

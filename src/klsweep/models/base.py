@@ -56,8 +56,10 @@ class CausalLM(Protocol):
         ``group_size`` that share a prompt, which an implementation may compute once."""
         ...
 
-    def completion_hidden(self, tokens: Tensor, attention_mask: Tensor | None,
-                          prompt_len: int) -> Tensor:
-        """Final hidden states [B, N, hidden_size] at the positions that predict each
-        completion token (the states a value head reads)."""
+    def completion_logits_and_hidden(self, tokens: Tensor, attention_mask: Tensor | None,
+                                     prompt_len: int,
+                                     group_size: int = 1) -> tuple[Tensor, Tensor]:
+        """``completion_logits`` and, from the same forward pass, the final hidden states
+        [B, N, hidden_size] that the output head read to make them (the states a value
+        head reads): one pass of the trunk where a critic needs both."""
         ...

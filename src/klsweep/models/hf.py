@@ -94,61 +94,78 @@ class HFCausalLM(nn.Module):
         """Logits [B, N, vocab] predicting ``tokens[:, prompt_len:]``. With ``group_size``
         > 1 each shared prompt is computed once, its keys and values (with gradient)
         repeated for its group, except under gradient checkpointing, which refuses a cache."""
-        if self._chunked(tokens):
-            # each chunk goes to the unchunked body: a chunk of one whole group can exceed
-            # chunk_rows, and splitting it again would never end
-            return self._by_chunks(
-                lambda t, m: self._completion_logits(t, m, prompt_len, group_size),
-                tokens, attention_mask, group_size)
-        return self._completion_logits(tokens, attention_mask, prompt_len, group_size)
+        return self._by_chunks(lambda t, m: self._completion(t, m, prompt_len, group_size)[:1],
+                               tokens, attention_mask, group_size)[0]
 
-    def _completion_logits(self, tokens: Tensor, attention_mask: Tensor | None,
-                           prompt_len: int, group_size: int) -> Tensor:
+    def completion_logits_and_hidden(self, tokens: Tensor, attention_mask: Tensor | None,
+                                     prompt_len: int,
+                                     group_size: int = 1) -> tuple[Tensor, Tensor]:
+        """``completion_logits`` and, from the same pass, the final hidden states [B, N,
+        hidden] that the lm head read to make them."""
+        logits, hidden = self._by_chunks(
+            lambda t, m: self._completion(t, m, prompt_len, group_size),
+            tokens, attention_mask, group_size)
+        return logits, hidden
+
+    def _completion(self, tokens: Tensor, attention_mask: Tensor | None, prompt_len: int,
+                    group_size: int) -> tuple[Tensor, Tensor]:
         n = tokens.shape[1] - prompt_len
         if group_size > 1 and n > 1 and not (self.checkpointing and self.training):
-            return self._shared_prompt_logits(tokens, attention_mask, prompt_len, group_size)
+            return self._shared_prompt(tokens, attention_mask, prompt_len, group_size)
         mask = None if attention_mask is None else attention_mask[:, :-1]
-        return self._output(tokens[:, :-1], mask, None, keep=n).logits
+        with self._head_inputs() as read:
+            logits = self._output(tokens[:, :-1], mask, None, keep=n).logits
+        return logits, read[0]
 
-    def _shared_prompt_logits(self, tokens: Tensor, attention_mask: Tensor | None,
-                              prompt_len: int, group_size: int) -> Tensor:
+    def _shared_prompt(self, tokens: Tensor, attention_mask: Tensor | None, prompt_len: int,
+                       group_size: int) -> tuple[Tensor, Tensor]:
         cache = self.new_cache(0, 0)
         prompt_mask = None if attention_mask is None else attention_mask[::group_size,
                                                                          :prompt_len]
-        last = self._output(tokens[::group_size, :prompt_len], prompt_mask, cache, keep=1).logits
         rest_mask = None if attention_mask is None else attention_mask[:, :-1]
-        rest = self._output(tokens[:, prompt_len:-1], rest_mask,
-                            cache.repeat_interleave(group_size, tokens.shape[1]), keep=0).logits
-        return torch.cat([last.repeat_interleave(group_size, dim=0), rest], dim=1)
+        with self._head_inputs() as read:
+            last = self._output(tokens[::group_size, :prompt_len], prompt_mask, cache,
+                                keep=1).logits
+            rest = self._output(tokens[:, prompt_len:-1], rest_mask,
+                                cache.repeat_interleave(group_size, tokens.shape[1]),
+                                keep=0).logits
+        last_hidden, rest_hidden = read
+        return (torch.cat([last.repeat_interleave(group_size, dim=0), rest], dim=1),
+                torch.cat([last_hidden.repeat_interleave(group_size, dim=0), rest_hidden],
+                          dim=1))
 
-    def completion_hidden(self, tokens: Tensor, attention_mask: Tensor | None,
-                          prompt_len: int) -> Tensor:
-        """Final hidden states [B, N, hidden] (the lm head's input) at the positions that
-        predict each completion token."""
-        if self._chunked(tokens):
-            return self._by_chunks(lambda t, m: self._completion_hidden(t, m, prompt_len),
-                                   tokens, attention_mask)
-        return self._completion_hidden(tokens, attention_mask, prompt_len)
-
-    def _completion_hidden(self, tokens: Tensor, attention_mask: Tensor | None,
-                           prompt_len: int) -> Tensor:
-        mask = None if attention_mask is None else attention_mask[:, :-1]
-        out = self._output(tokens[:, :-1], mask, None, keep=1, output_hidden_states=True)
-        return out.hidden_states[-1][:, prompt_len - 1:]
+    @contextmanager
+    def _head_inputs(self) -> Iterator[list[Tensor]]:
+        """The lm head's input of each forward inside the block, in order: the final hidden
+        states of the positions whose logits were kept (after the final norm), read from
+        the pass that made the logits rather than from a second one."""
+        read: list[Tensor] = []
+        handle = self.model.get_output_embeddings().register_forward_pre_hook(
+            lambda module, args: read.append(args[0]))
+        try:
+            yield read
+        finally:
+            handle.remove()
 
     def _chunked(self, tokens: Tensor) -> bool:
         # with gradient, chunks would keep every chunk's activations anyway
         return (self.chunk_rows is not None and not torch.is_grad_enabled()
                 and tokens.shape[0] > self.chunk_rows)
 
-    def _by_chunks(self, fn: Callable[[Tensor, Tensor | None], Tensor], tokens: Tensor,
-                   attention_mask: Tensor | None, group_size: int = 1) -> Tensor:
-        """``fn(tokens, mask)`` over chunks of whole prompt groups, of at most
-        ``chunk_rows`` rows where a group fits, concatenated."""
+    def _by_chunks(self, fn: Callable[[Tensor, Tensor | None], tuple[Tensor, ...]],
+                   tokens: Tensor, attention_mask: Tensor | None,
+                   group_size: int) -> tuple[Tensor, ...]:
+        """``fn(tokens, mask)``, without gradient over chunks of whole prompt groups of at
+        most ``chunk_rows`` rows where a group fits, each output concatenated."""
+        if not self._chunked(tokens):
+            return fn(tokens, attention_mask)
+        # each chunk goes to the unchunked body: a chunk of one whole group can exceed
+        # chunk_rows, and splitting it again would never end
         rows = max(self.chunk_rows // group_size, 1) * group_size
         chunks = tokens.split(rows)
         masks = [None] * len(chunks) if attention_mask is None else attention_mask.split(rows)
-        return torch.cat([fn(t, m) for t, m in zip(chunks, masks, strict=True)])
+        parts = [fn(t, m) for t, m in zip(chunks, masks, strict=True)]
+        return tuple(torch.cat(outputs) for outputs in zip(*parts, strict=True))
 
     def init_weights(self) -> None:
         """Fresh initial weights from torch's global generator (the reference recipes')."""
@@ -207,10 +224,12 @@ class AdapterDisabled(nn.Module):
         with self._base_model():
             return self.policy.completion_logits(tokens, attention_mask, prompt_len, group_size)
 
-    def completion_hidden(self, tokens: Tensor, attention_mask: Tensor | None,
-                          prompt_len: int) -> Tensor:
+    def completion_logits_and_hidden(self, tokens: Tensor, attention_mask: Tensor | None,
+                                     prompt_len: int,
+                                     group_size: int = 1) -> tuple[Tensor, Tensor]:
         with self._base_model():
-            return self.policy.completion_hidden(tokens, attention_mask, prompt_len)
+            return self.policy.completion_logits_and_hidden(tokens, attention_mask, prompt_len,
+                                                            group_size)
 
 
 def save_adapter(policy: HFCausalLM, directory: str | Path) -> None:

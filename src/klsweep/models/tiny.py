@@ -6,6 +6,7 @@ attention mask), though the tiny tasks' prompts all have one length."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -228,33 +229,52 @@ class TinyGPT(nn.Module):
         1 each shared prompt is computed once for its group (a third of the work at 8
         prompt tokens), and its gradient sums over the group. Without gradient, a large
         batch runs in equal chunks of rows (``no_grad_chunk_rows``)."""
+        return self._by_chunks(lambda t, m: self._completion(t, m, prompt_len, group_size)[:1],
+                               tokens, attention_mask, group_size)[0]
+
+    def completion_logits_and_hidden(self, tokens: Tensor, attention_mask: Tensor | None,
+                                     prompt_len: int,
+                                     group_size: int = 1) -> tuple[Tensor, Tensor]:
+        """``completion_logits`` and, from the same pass, the final hidden states [B, N, C]
+        that the head turned into them."""
+        logits, hidden = self._by_chunks(
+            lambda t, m: self._completion(t, m, prompt_len, group_size),
+            tokens, attention_mask, group_size)
+        return logits, hidden
+
+    def _by_chunks(self, fn: Callable[[Tensor, Tensor | None], tuple[Tensor, ...]],
+                   tokens: Tensor, attention_mask: Tensor | None,
+                   group_size: int) -> tuple[Tensor, ...]:
         if torch.is_grad_enabled() or tokens.shape[0] <= NO_GRAD_CHUNK:
-            return self._completion_logits(tokens, attention_mask, prompt_len, group_size)
+            return fn(tokens, attention_mask)
         rows = no_grad_chunk_rows(tokens.shape[0], group_size)
         token_chunks = tokens.split(rows)
         mask_chunks = ((None,) * len(token_chunks) if attention_mask is None
                        else attention_mask.split(rows))
-        return torch.cat([self._completion_logits(t, m, prompt_len, group_size)
-                          for t, m in zip(token_chunks, mask_chunks, strict=True)])
+        parts = [fn(t, m) for t, m in zip(token_chunks, mask_chunks, strict=True)]
+        return tuple(torch.cat(outputs) for outputs in zip(*parts, strict=True))
 
-    def _completion_logits(self, tokens: Tensor, attention_mask: Tensor | None,
-                           prompt_len: int, group_size: int) -> Tensor:
+    def _completion(self, tokens: Tensor, attention_mask: Tensor | None, prompt_len: int,
+                    group_size: int) -> tuple[Tensor, Tensor]:
+        """(logits, hidden states) at the positions that predict the completion tokens. The
+        head runs on the states of every position and is sliced after, as ``forward`` does:
+        a product of another shape could round differently."""
         if group_size > 1:
             prefix = SharedPrefix(group_size)
             prompt_mask = None if attention_mask is None else attention_mask[::group_size,
                                                                              :prompt_len]
-            last_prompt = self(tokens[::group_size, :prompt_len], prompt_mask, prefix,
-                               record=True)[:, -1:]
+            prompt_hidden = self.hidden_states(tokens[::group_size, :prompt_len], prefix,
+                                               record=True, attention_mask=prompt_mask)
             rest_mask = None if attention_mask is None else attention_mask[:, :-1]
-            rest = self(tokens[:, prompt_len:-1], rest_mask, prefix)
-            return torch.cat([last_prompt.repeat_interleave(group_size, dim=0), rest], dim=1)
+            rest_hidden = self.hidden_states(tokens[:, prompt_len:-1], prefix,
+                                             attention_mask=rest_mask)
+            last_logits = self.lm_head(prompt_hidden)[:, -1:].repeat_interleave(group_size, 0)
+            last_hidden = prompt_hidden[:, -1:].repeat_interleave(group_size, 0)
+            return (torch.cat([last_logits, self.lm_head(rest_hidden)], dim=1),
+                    torch.cat([last_hidden, rest_hidden], dim=1))
         mask = None if attention_mask is None else attention_mask[:, :-1]
-        return self(tokens[:, :-1], mask)[:, prompt_len - 1:]
-
-    def completion_hidden(self, tokens: Tensor, attention_mask: Tensor | None,
-                          prompt_len: int) -> Tensor:
-        mask = None if attention_mask is None else attention_mask[:, :-1]
-        return self.hidden_states(tokens[:, :-1], attention_mask=mask)[:, prompt_len - 1:]
+        hidden = self.hidden_states(tokens[:, :-1], attention_mask=mask)
+        return self.lm_head(hidden)[:, prompt_len - 1:], hidden[:, prompt_len - 1:]
 
 
 # Sequences per chunk of a pass without gradient. DPO scores its data set 2048 sequences at
