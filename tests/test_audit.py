@@ -74,8 +74,11 @@ def test_k3_with_the_importance_correction_is_k2_in_the_loss(enumerated):
 
 
 def test_every_combination_training_accepts_has_a_row_per_target(enumerated):
-    # reward: 5 estimators; loss: 5 × kl.gradient 2 × kl.is_correction 2; × 2 units × 3 targets
-    assert len(enumerated) == (5 + 20) * 2 * 3
+    # reward: 5 estimators; loss: 5 × (kl.gradient, kl.is_correction) in (estimator, false),
+    # (estimator, true), (k2, false) (training refuses k2 with the correction); × 2 units ×
+    # 3 targets
+    assert len(enumerated) == (5 + 15) * 2 * 3
+    assert not any(g == "k2" and c for (_, _, g, c, _, _) in enumerated)
     token, sequence = (row(enumerated, "k3", "loss", "forward_kl", unit=u) for u in
                        ("token", "sequence"))
     assert token["rel_bias"] == sequence["rel_bias"]

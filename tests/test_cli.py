@@ -24,6 +24,9 @@ from tests.conftest import TINY, assert_refused_in_one_line, run_klsweep
     ("kl.placement=value", "kl.placement must be one of reward, loss, none (got 'value')"),
     ("kl.bta=0.1", "kl.bta is not a known key (allowed under kl: beta, target"),
     ("optim.lr=fast", "optim.lr must be a number > 0 (got 'fast')"),
+    # GRPO's default kl.is_correction=true with k2's gradient: two corrections of one term
+    ("kl.gradient=k2", "kl.gradient=k2 with kl.is_correction=true corrects the loss-placed KL "
+                       "twice"),
 ])
 def test_bad_input_fails_in_one_line_before_anything_is_written(
         override, message, tmp_path, monkeypatch, capsys):

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from klsweep.kl import ESTIMATORS, full_kl, masked_sum
+from klsweep.kl.divergences import ReverseKL
 from klsweep.policy import GRADIENTS, UNITS, PolicyPair
 
 
@@ -34,13 +35,21 @@ class Variant:
 
 
 def variants() -> list[Variant]:
-    """Every combination training accepts. In the reward ``kl.gradient`` and
-    ``kl.is_correction`` act on nothing (the penalty is a detached number), so the reward rows
-    are one per estimator and unit."""
+    """Every combination training accepts (the reverse KL's own check decides). In the
+    reward ``kl.gradient`` and ``kl.is_correction`` act on nothing (the penalty is a detached
+    number), so the reward rows are one per estimator and unit."""
     rows = [Variant(e, "reward", "estimator", False, u) for u in UNITS for e in ESTIMATORS]
     rows += [Variant(e, "loss", g, c, u) for u in UNITS
              for e, g, c in itertools.product(ESTIMATORS, GRADIENTS, (False, True))]
-    return rows
+    return [v for v in rows if _accepted(v)]
+
+
+def _accepted(variant: Variant) -> bool:
+    try:
+        ReverseKL().check(variant)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass

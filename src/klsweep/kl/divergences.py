@@ -142,7 +142,13 @@ class ReverseKL(Divergence):
     # The KL keeps klsweep's estimators and options (DESIGN §4): every one means something
     # for it, and its chain rule makes the token and sequence units one divergence.
     def check(self, kl: Any) -> None:
-        pass
+        if kl.placement == "loss" and kl.gradient == "k2" and kl.is_correction:
+            # each alone gives the loss term k2's gradient, the per-position reverse KL's;
+            # together ∇(ρ·k) adds k·∇log π to it (k1: twice the target; the audit measures it)
+            raise ValueError("kl.gradient=k2 with kl.is_correction=true corrects the loss-placed "
+                             "KL twice and follows no KL's gradient (true by default with "
+                             "algo=grpo); keep one: kl.is_correction=false or "
+                             "kl.gradient=estimator")
 
     def values(self, logp: Tensor, ref_logp: Tensor, mask: Tensor, kl: Any,
                logits: Tensor | None = None, ref_logits: Tensor | None = None) -> Tensor:
