@@ -3,7 +3,8 @@ each of its commands with the code as it was before the policy pair and the mode
 (a git worktree of that commit, its own fresh reference-model cache) and keep every logged
 value but the perf/* timings in tests/data/before_seam/<cpu kind>/.
 
-    python scripts/record_before_seam.py          # from the repository root
+    python scripts/record_before_seam.py          # from the repository root: every command
+    python scripts/record_before_seam.py ppo      # only the commands named
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ sys.path.insert(0, str(REPO))
 from tests.test_same_numbers import BEFORE, BEFORE_COMMIT, COMMANDS, cpu_kind  # noqa: E402
 
 
-def main() -> None:
+def main(names: list[str]) -> None:
+    unknown = sorted(set(names) - set(COMMANDS))
+    if unknown:
+        sys.exit(f"record_before_seam: unknown command {', '.join(unknown)} "
+                 f"(allowed: {', '.join(COMMANDS)})")
     out_dir = BEFORE / cpu_kind()
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -32,6 +37,8 @@ def main() -> None:
             env = {**os.environ, "PYTHONPATH": str(tree / "src"),
                    "KLSWEEP_CACHE": str(Path(tmp) / "cache"), "WANDB_MODE": "offline"}
             for name, overrides in COMMANDS.items():
+                if names and name not in names:
+                    continue
                 run_dir = Path(tmp) / "runs" / name
                 subprocess.run([sys.executable, "-m", "klsweep", *overrides, "logger=none",
                                 f"hydra.run.dir={run_dir}"], cwd=tree, env=env, check=True)
@@ -48,4 +55,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

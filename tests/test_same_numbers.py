@@ -24,7 +24,11 @@ BEFORE_COMMIT = "a692530^"
 COMMANDS = {
     # kl.is_correction=false: GRPO's default before it followed TRL (README, The KL-gradient audit)
     "grpo": ["algo=grpo", "kl.target=0.05", "kl.is_correction=false", "steps=60"],
-    "ppo": ["algo=ppo", "steps=30"],
+    # one sample per prompt (64 prompts, PPO's 64 rollouts): PPO's critic reads the hidden
+    # states of the pass that scores the rollout, the same numbers as the old second pass
+    # only where that pass shares no prompt; with shared prompts they differ by float32
+    # rounding (<= 1.3e-6, tests/test_model.py), enough to flip a value-clip decision
+    "ppo": ["algo=ppo", "algo.samples_per_prompt=1", "algo.prompts_per_step=64", "steps=30"],
     "dpo": ["algo=dpo", "steps=30"],
     "exact": ["task=exact", "algo=grpo", "schedule=fixed", "kl.beta=0.1", "kl.placement=reward",
               "estimator=k1", "steps=60"],

@@ -263,15 +263,18 @@ class TinyGPT(nn.Module):
             prefix = SharedPrefix(group_size)
             prompt_mask = None if attention_mask is None else attention_mask[::group_size,
                                                                              :prompt_len]
+            # in this order: the tied embedding's gradient sums its uses in the reverse order
+            # of the graph, and another order rounds differently
             prompt_hidden = self.hidden_states(tokens[::group_size, :prompt_len], prefix,
                                                record=True, attention_mask=prompt_mask)
+            last_logits = self.lm_head(prompt_hidden)[:, -1:]
             rest_mask = None if attention_mask is None else attention_mask[:, :-1]
             rest_hidden = self.hidden_states(tokens[:, prompt_len:-1], prefix,
                                              attention_mask=rest_mask)
-            last_logits = self.lm_head(prompt_hidden)[:, -1:].repeat_interleave(group_size, 0)
-            last_hidden = prompt_hidden[:, -1:].repeat_interleave(group_size, 0)
-            return (torch.cat([last_logits, self.lm_head(rest_hidden)], dim=1),
-                    torch.cat([last_hidden, rest_hidden], dim=1))
+            rest_logits = self.lm_head(rest_hidden)
+            return (torch.cat([last_logits.repeat_interleave(group_size, 0), rest_logits], 1),
+                    torch.cat([prompt_hidden[:, -1:].repeat_interleave(group_size, 0),
+                               rest_hidden], 1))
         mask = None if attention_mask is None else attention_mask[:, :-1]
         hidden = self.hidden_states(tokens[:, :-1], attention_mask=mask)
         return self.lm_head(hidden)[:, prompt_len - 1:], hidden[:, prompt_len - 1:]
