@@ -18,6 +18,7 @@ from klsweep.engines import NativeEngine, RolloutEngine, mismatch_metrics, tis_w
 from klsweep.kl import (
     DIVERGENCES,
     ESTIMATORS,
+    kl_estimates,
     kl_metrics,
     kl_per_token,
     make_divergence,
@@ -298,8 +299,10 @@ class PolicyPair:
         samples."""
         rollout, mask = scored.rollout, scored.mask
         logits, logp = scored.logits.detach(), scored.logp.detach()
+        estimates = kl_estimates(logp, scored.ref_logp, self.kl.estimator, logits=logits,
+                                 ref_logits=scored.ref_logits, clamp=self.kl.clamp)
         metrics = kl_metrics(logp, scored.ref_logp, mask, self.kl.estimator, logits=logits,
-                             ref_logits=scored.ref_logits, clamp=self.kl.clamp)
+                             estimates=estimates)
         distinct = len({tuple(row) for row in rollout.completions.tolist()})
         metrics.update({
             "reward/mean": float(rewards.mean()),
@@ -315,9 +318,10 @@ class PolicyPair:
                                  else self._kl_to_initial(scored))
         if rollout.engine_logp is not None:  # the native engine's are the trainer's own
             metrics.update(mismatch_metrics(logp, rollout.engine_logp, mask))
-        # the configured divergence (the KL's: kl/mean and kl/seq again) is what β steers
+        # the configured divergence is what β steers (the KL's: kl/mean's values, not again)
         values = self.divergence.values(logp, scored.ref_logp, mask, self.kl, logits,
-                                        scored.ref_logits)
+                                        scored.ref_logits,
+                                        kl_estimate=estimates[self.kl.estimator])
         metrics["kl/divergence"] = float(masked_mean(values, mask))
         metrics["kl/divergence_seq"] = float(masked_sum(values, mask).mean())
         kl = metrics["kl/divergence" if self.kl.unit == "token" else "kl/divergence_seq"]

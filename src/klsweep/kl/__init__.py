@@ -4,6 +4,7 @@ from klsweep.kl.divergences import DIVERGENCES, Divergence, make_divergence
 from klsweep.kl.estimators import (
     ESTIMATORS,
     full_kl,
+    kl_estimates,
     kl_metrics,
     kl_penalty_per_token,
     kl_per_token,
@@ -19,6 +20,7 @@ __all__ = [
     "SCHEDULES",
     "Schedule",
     "full_kl",
+    "kl_estimates",
     "kl_metrics",
     "kl_penalty_per_token",
     "kl_per_token",

@@ -90,9 +90,12 @@ class Divergence:
                 "ref_logits": ref_logits, "clamp": kl.clamp}
 
     def values(self, logp: Tensor, ref_logp: Tensor, mask: Tensor, kl: Any,
-               logits: Tensor | None = None, ref_logits: Tensor | None = None) -> Tensor:
+               logits: Tensor | None = None, ref_logits: Tensor | None = None,
+               kl_estimate: Tensor | None = None) -> Tensor:
         """The divergence's estimate per token [B, N] (its masked sum per sequence averages
-        to the divergence in kl.unit), without gradient."""
+        to the divergence in kl.unit), without gradient. ``kl_estimate``: the configured
+        estimator's reverse KL per token of the same batch, where the caller holds it (the
+        KL's own values; the other divergences compute theirs)."""
         with torch.no_grad():
             return f_terms.value_per_token(self, logp, ref_logp, mask,
                                            **self._terms(kl, logits, ref_logits))
@@ -151,7 +154,10 @@ class ReverseKL(Divergence):
                              "kl.gradient=estimator")
 
     def values(self, logp: Tensor, ref_logp: Tensor, mask: Tensor, kl: Any,
-               logits: Tensor | None = None, ref_logits: Tensor | None = None) -> Tensor:
+               logits: Tensor | None = None, ref_logits: Tensor | None = None,
+               kl_estimate: Tensor | None = None) -> Tensor:
+        if kl_estimate is not None:
+            return kl_estimate
         return kl_per_token(logp, ref_logp, kl.estimator, logits=logits,
                             ref_logits=ref_logits, clamp=kl.clamp)
 

@@ -128,6 +128,25 @@ def masked_sum(values: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
 
 
 @torch.no_grad()
+def kl_estimates(
+    logp: Tensor,
+    ref_logp: Tensor,
+    estimator: str,
+    *,
+    logits: Tensor | None = None,
+    ref_logits: Tensor | None = None,
+    clamp: float | None = DEFAULT_CLAMP,
+) -> dict[str, Tensor]:
+    """Every estimator's values per token [B, N] from one batch (``full`` when logits are
+    given), the configured ``estimator``'s among them."""
+    names = [*_SAMPLED] + (["full"] if logits is not None else [])
+    if estimator not in names:
+        names.append(estimator)
+    return {name: kl_per_token(logp, ref_logp, name, logits=logits, ref_logits=ref_logits,
+                               clamp=clamp) for name in names}
+
+
+@torch.no_grad()
 def kl_metrics(
     logp: Tensor,
     ref_logp: Tensor,
@@ -137,19 +156,17 @@ def kl_metrics(
     logits: Tensor | None = None,
     ref_logits: Tensor | None = None,
     clamp: float | None = DEFAULT_CLAMP,
+    estimates: dict[str, Tensor] | None = None,
 ) -> dict[str, float]:
     """The KL numbers every step logs, from one batch: ``kl/k1 kl/k2 kl/k3 kl/abs`` (and
     ``kl/full`` when logits are given) as means per token, ``kl/mean`` for the configured
-    estimator and ``kl/seq``, its sum per sequence averaged over sequences."""
-    out: dict[str, float] = {}
-    per_token: dict[str, Tensor] = {}
-    names = [*_SAMPLED] + (["full"] if logits is not None else [])
-    for name in names:
-        per_token[name] = kl_per_token(logp, ref_logp, name, logits=logits,
-                                       ref_logits=ref_logits, clamp=clamp)
-        out[f"kl/{name}"] = masked_mean(per_token[name], mask).item()
-    chosen = per_token[estimator] if estimator in per_token else kl_per_token(
-        logp, ref_logp, estimator, logits=logits, ref_logits=ref_logits, clamp=clamp)
+    estimator and ``kl/seq``, its sum per sequence averaged over sequences. ``estimates``:
+    the batch's ``kl_estimates``, where the caller holds them already."""
+    if estimates is None:
+        estimates = kl_estimates(logp, ref_logp, estimator, logits=logits,
+                                 ref_logits=ref_logits, clamp=clamp)
+    out = {f"kl/{name}": masked_mean(values, mask).item() for name, values in estimates.items()}
+    chosen = estimates[estimator]
     out["kl/mean"] = masked_mean(chosen, mask).item()
     out["kl/seq"] = masked_sum(chosen, mask).mean().item()
     return out
