@@ -108,6 +108,21 @@ def test_a_grpo_run_through_vllm_records_the_mismatch_every_step(llama, prompt_f
     assert math.isfinite(summary["reward/final"])
 
 
+def test_a_lora_run_through_vllm_keeps_the_engine_on_the_moving_policy(llama, prompt_file,
+                                                                         tmp_path):
+    """The engine receives the base weights with the adapter merged after every step: the
+    adapter moves the policy away from the reference (its B starts at zero, so the first
+    step's KL is 0), and the engine's samples stay on the policy to float32 noise."""
+    summary, rows = run_and_read(tmp_path, *VLLM_RUN, f"model.name={llama}",
+                                 f"task.prompts={prompt_file}", "steps=4",
+                                 "model.lora={r: 8, alpha: 16, dropout: 0.0, "
+                                 "target_modules: all-linear}")
+    assert summary["status"] == "completed" and len(rows) == 4
+    assert rows[0]["kl/k1"] == 0 and rows[-1]["kl/k2"] > 100 * FLOAT32_NOISE**2
+    for row in rows:
+        assert 0 <= row["rollout/mismatch_max"] < FLOAT32_NOISE
+
+
 def test_a_vllm_run_killed_halfway_resumes_to_the_numbers_of_the_run_left_alone(
         llama, prompt_file, tmp_path):
     run = [*VLLM_RUN, f"model.name={llama}", f"task.prompts={prompt_file}", "steps=6",
