@@ -56,6 +56,10 @@ VLLM_MISSING = importlib.util.find_spec("vllm") is None
                               "can load (got model=tiny)"),
     (["rollout.engine=vllm", "model=hf"],
      "rollout.engine=vllm needs model.name, a checkpoint vLLM loads"),
+    (["rollout.engine=vllm", "model=hf", "task=text", "task.prompts=prompts.jsonl",
+      "model.name=some/model", "trainer=ddp"],
+     "rollout.engine=vllm runs one engine in one training process (trainer.strategy auto; "
+     "got ddp): an engine per rank is not built"),
     (["rollout.tis_cap=0"], "rollout.tis_cap must be a number > 0 (got 0)"),
     (["rollout.sync_every=0"], "rollout.sync_every must be an integer >= 1 (got 0)"),
     pytest.param(["rollout.engine=vllm", "model=hf", "task=text", "task.prompts=prompts.jsonl",

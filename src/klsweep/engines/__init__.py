@@ -37,8 +37,11 @@ def check_engine(cfg: Any) -> None:
         raise ConfigError("rollout.engine=vllm needs model.name, a checkpoint vLLM loads "
                           "(a directory or hub id; got null)")
     if cfg.trainer.get("strategy") not in ("auto", None):
-        raise ConfigError(f"rollout.engine=vllm runs in one training process with the whole "
-                          f"model (trainer.strategy auto; got {cfg.trainer.strategy})")
+        # a colocated engine per rank would join the ranks' process group (vLLM's
+        # external_launcher backend, as TRL's colocate mode under accelerate): not built here
+        raise ConfigError(f"rollout.engine=vllm runs one engine in one training process "
+                          f"(trainer.strategy auto; got {cfg.trainer.strategy}): an engine per "
+                          f"rank is not built")
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError("rollout.engine=vllm needs vLLM, which is not installed (GPU: pip "
                           "install 'klsweep[vllm]'; CPU: scripts/vllm_cpu_env.sh DIR)")
