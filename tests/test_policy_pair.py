@@ -121,7 +121,8 @@ def test_every_estimator_is_zero_when_the_policy_is_the_reference():
     for estimator in ESTIMATORS:
         pair = _pair(copy.deepcopy(reference), reference, estimator=estimator)
         scored = _scored(pair)
-        values = pair.kl_values(scored.logp, scored.ref_logp, scored.logits, scored.ref_logits)
+        values = pair.reward_penalty(scored.logp, scored.ref_logp, scored.logits,
+                                     scored.ref_logits, scored.mask)
         torch.testing.assert_close(values, torch.zeros_like(values), rtol=0, atol=1e-6)
         measurement = pair.measure(scored, torch.rand(len(values)))
         kl_keys = [k for k in measurement.metrics if k.startswith("kl/")]
@@ -144,12 +145,13 @@ def _by_hand(estimator: str, scored) -> torch.Tensor:
 
 @pytest.mark.parametrize("unit", ["token", "sequence"])
 @pytest.mark.parametrize("estimator", ESTIMATORS)
-def test_kl_values_and_measure_follow_the_configured_estimator_and_unit(estimator, unit):
+def test_the_reward_penalty_and_measure_follow_the_configured_estimator_and_unit(estimator, unit):
     pair = _distinct_pair(estimator=estimator, unit=unit)
     scored = _scored(pair)
     mask = scored.mask
     expected = _by_hand(estimator, scored)
-    values = pair.kl_values(scored.logp, scored.ref_logp, scored.logits, scored.ref_logits)
+    values = pair.reward_penalty(scored.logp, scored.ref_logp, scored.logits,
+                                     scored.ref_logits, scored.mask)
     torch.testing.assert_close(values[mask], expected[mask], rtol=1e-5, atol=1e-6)
 
     rewards = torch.rand(mask.shape[0])
@@ -218,7 +220,8 @@ def test_a_huge_log_ratio_is_clamped_at_kl_clamp_before_k2_and_k3(clamp):
                 "k3": [math.exp(-c) - 1 + c, math.exp(c) - 1 - c]}
     for estimator, want in expected.items():
         pair = _pair(model, model, estimator=estimator, clamp=clamp)
-        values = pair.kl_values(logp, ref_logp, unused_logits, unused_logits)
+        values = pair.reward_penalty(logp, ref_logp, unused_logits, unused_logits,
+                                     torch.ones(2, dtype=torch.bool))
         term = pair.kl_loss_term(logp, ref_logp, unused_logits, unused_logits, logp)
         torch.testing.assert_close(values, torch.tensor(want), rtol=1e-6, atol=0)
         torch.testing.assert_close(term, torch.tensor(want), rtol=1e-6, atol=0)

@@ -270,17 +270,11 @@ class PolicyPair:
 
     # --- the KL ------------------------------------------------------------------------------
     @torch.no_grad()
-    def kl_values(self, logp: Tensor, ref_logp: Tensor, logits: Tensor,
-                  ref_logits: Tensor) -> Tensor:
-        """The configured estimator per token [B, N], without gradient (the reward's)."""
-        return kl_per_token(logp, ref_logp, self.kl.estimator, logits=logits,
-                            ref_logits=ref_logits, clamp=self.kl.clamp)
-
     @torch.no_grad()
     def reward_penalty(self, logp: Tensor, ref_logp: Tensor, logits: Tensor,
                        ref_logits: Tensor, mask: Tensor) -> Tensor:
         """The configured divergence's per-token penalty [B, N] that β times leaves the
-        reward (the KL's: ``kl_values``)."""
+        reward (the KL's: the configured estimator's values)."""
         return self.divergence.reward_penalty(logp, ref_logp, mask, self.kl, logits, ref_logits)
 
     def kl_loss_term(self, logp: Tensor, ref_logp: Tensor, logits: Tensor, ref_logits: Tensor,

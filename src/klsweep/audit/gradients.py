@@ -3,7 +3,7 @@ scored batch: each gives a per-sequence scalar f [B] whose parameter gradient is
 sequence's ĝ, so that ∇θ Σ_y w_y·f_y is the w-weighted mean gradient (one backward).
 
 The estimated gradient calls training's own code: ``PolicyPair.kl_loss_term`` (the estimator,
-``kl.gradient`` and ``kl.is_correction``) in the loss, ``PolicyPair.kl_values`` in the reward,
+``kl.gradient`` and ``kl.is_correction``) in the loss, ``PolicyPair.reward_penalty`` in the reward,
 so the audit breaks when training's KL code breaks. Signs: every ĝ is that of a quantity to
 minimise (β dropped), the KL's share of the training loss's gradient.
 """
@@ -90,8 +90,8 @@ def estimated(pair: PolicyPair, variant: Variant, batch: Batch) -> Tensor:
         term = view.kl_loss_term(batch.logp, batch.ref_logp, batch.logits, batch.ref_logits,
                                  batch.old_logp)
         return masked_sum(term, mask)
-    penalty = masked_sum(view.kl_values(batch.old_logp, batch.ref_logp, batch.old_logits,
-                                        batch.ref_logits), mask)
+    penalty = masked_sum(view.reward_penalty(batch.old_logp, batch.ref_logp, batch.old_logits,
+                                             batch.ref_logits, mask), mask)
     ratio = torch.exp(batch.logp - batch.old_logp)
     return penalty.detach() * masked_sum(ratio, mask)
 
