@@ -6,17 +6,28 @@ back into shards) to the numbers of the run left alone."""
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
+from klsweep.config import choice_config
+from klsweep.models.tiny import Block, untrained_tiny
 from klsweep.records import read_metrics
+from klsweep.rollout import Prompts, generate
+from klsweep.sharding import gathered, shard_model, unsharded_trainable
 from tests.conftest import REPO, TINY, run_and_read, run_klsweep
 from tests.test_resume import assert_same_run, rows_written, wait_for
 
@@ -29,6 +40,53 @@ RUN = [*TINY, "steps=8", "logger=none"]
 PPO = ["algo=ppo", "steps=3", "algo.prompts_per_step=2", "algo.samples_per_prompt=2",
        "algo.ppo_epochs=2", "kl.reference.sync_every=1", "kl.reference.mix=0.5",
        "trainer.enable_progress_bar=false", "logger=none"]
+
+
+@pytest.fixture
+def mesh():
+    """A gloo process group of one rank in this process: FSDP2 shards over it as over many
+    (each shard is then the whole tensor), enough to see what the plan makes of a model."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                            world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_plan_makes_each_block_a_unit_inside_the_root_and_serves_every_entry_point(mesh):
+    policy, reference = untrained_tiny(choice_config("model", "tiny", n_layer=2, n_head=2,
+                                                     n_embd=16), 8, 12)
+    plain = copy.deepcopy(policy)
+    shard_model(policy, mesh, {Block})
+    shard_model(reference, mesh, {Block})
+    for model in (policy, reference):
+        assert [m for m in model.modules() if isinstance(m, FSDPModule)] == [model,
+                                                                             *model.blocks]
+        assert all(isinstance(p, DTensor) for p in model.parameters())
+    assert policy.lm_head.weight is policy.wte.weight  # the tied head: one parameter, in the root
+    assert unsharded_trainable([policy]) == []
+    assert unsharded_trainable([nn.Linear(2, 1)]) == ["weight", "bias"]
+
+    tokens = torch.randint(0, 8, (4, 10))
+    # the interface's passes that do not go through forward gather the root's weights too
+    torch.testing.assert_close(policy.completion_hidden(tokens, None, 4),
+                               plain.completion_hidden(tokens, None, 4), rtol=0, atol=0)
+    torch.testing.assert_close(policy.completion_logits(tokens, None, 4, group_size=2),
+                               plain.completion_logits(tokens, None, 4, group_size=2),
+                               rtol=0, atol=0)
+    # sampling runs on weights gathered once, and leaves them sharded
+    prompts = Prompts.unpadded(tokens[:2, :4])
+    samples = []
+    for model in (policy, plain):
+        torch.manual_seed(0)
+        with gathered(model):
+            samples.append(generate(model, prompts, n_per_prompt=2, max_new_tokens=6, eos_id=0))
+    assert torch.equal(samples[0].tokens, samples[1].tokens)
+    assert all(isinstance(p, DTensor) for p in policy.parameters())
 
 
 @pytest.fixture(scope="module")

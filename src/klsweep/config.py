@@ -58,7 +58,8 @@ class TrainerConfig:
     precision: str = spec(kind="choice", choices=(
         "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
         help="Lightning precision")
-    strategy: str = spec(kind="string", help="Lightning strategy (auto, ddp, fsdp)")
+    strategy: str = spec(kind="string",
+                         help="Lightning strategy (auto, ddp; fsdp: FSDP2, klsweep.trainer)")
     activation_checkpointing: bool = spec(kind="bool",
                                           help="fsdp: recompute each decoder layer's activations")
     enable_progress_bar: bool = spec(kind="bool", help="the progress bar")

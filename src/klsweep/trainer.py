@@ -4,6 +4,7 @@ request, checkpoints its activations); the module applies the plan (``klsweep.sh
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -55,6 +56,10 @@ class FullyShardedStrategy(ModelParallelStrategy):
               own: nn.Module | None) -> None:
         """Shard the policy (with the layer plan), the frozen models and an algorithm's own
         module (PPO's value head); refuse to train a trainable parameter left out."""
+        # FSDP2 warns of each unit's output that is a view (a slice of the logits): an in-place
+        # op on it would skip a gather in backward; klsweep's passes take none (their numbers
+        # are DDP's: tests/test_fsdp.py)
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
         mesh = self.device_mesh["data_parallel"]
         shard_model(policy, mesh, self.layer_classes, self.activation_checkpointing)
         for model in frozen:
