@@ -57,6 +57,8 @@ def mesh():
         dist.destroy_process_group()
 
 
+# a view among a unit's outputs is FSDP2's warning (trainer.py says why klsweep ignores it)
+@pytest.mark.filterwarnings("ignore:FSDP2-wrapped module")
 def test_the_plan_makes_each_block_a_unit_inside_the_root_and_serves_every_entry_point(mesh):
     policy, reference = untrained_tiny(choice_config("model", "tiny", n_layer=2, n_head=2,
                                                      n_embd=16), 8, 12)
