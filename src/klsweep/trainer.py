@@ -65,10 +65,9 @@ class FullyShardedStrategy(ModelParallelStrategy):
         for model in frozen:
             if model is not None:
                 shard_model(model, mesh, self.layer_classes)
-        trained = [policy] if own is None else [policy, own]
         if own is not None:
             shard_model(own, mesh, set())
-        left = unsharded_trainable(trained)
+        left = unsharded_trainable([policy] if own is None else [policy, own])
         if left:
             raise RuntimeError(f"trainer.strategy=fsdp left trainable parameters unsharded "
                                f"({', '.join(left[:3])}): nothing would reduce their gradients")
