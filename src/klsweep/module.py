@@ -223,6 +223,12 @@ class KLPolicyModule(L.LightningModule):
         return {key: value for key, value in state.items()
                 if key in trained or (moving and key.startswith("reference."))}
 
+    def trained_children(self) -> list[str]:
+        """The submodules that hold what ``trained_state`` keeps: the policy, an algorithm's
+        own module, and the reference when it moves."""
+        names = ["policy"] + (["algo_module"] if self.algo_module is not None else [])
+        return names + (["reference"] if self.pair.kl.reference.sync_every > 0 else [])
+
     def checkpoint_state(self) -> dict[str, Any]:
         """What the ranks share: the trained tensors, the optimiser, the schedule, the step
         count and the task's state. Every rank calls it: the strategy gathers the state, which

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
+    get_model_state_dict,
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
@@ -71,6 +72,16 @@ class FullyShardedStrategy(ModelParallelStrategy):
         if left:
             raise RuntimeError(f"trainer.strategy=fsdp left trainable parameters unsharded "
                                f"({', '.join(left[:3])}): nothing would reduce their gradients")
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The full state, on rank 0 (empty elsewhere), of the module's children that
+        training changes: a frozen reference is not gathered only to be left out."""
+        module = self.lightning_module
+        state = {}
+        for name in module.trained_children():
+            child = get_model_state_dict(getattr(module, name), options=FULL_ON_RANK_ZERO)
+            state.update({f"{name}.{key}": value for key, value in child.items()})
+        return state
 
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
         """The full optimiser state keyed by parameter name, on rank 0 (empty elsewhere)."""
