@@ -43,6 +43,11 @@ class RunConfig:
                        help="auto: continue the run dir's unfinished run | never | a run dir")
 
 
+# what Lightning's ModelParallelStrategy accepts ("32" is "32-true"); 16-mixed's gradient
+# scaler and 64-true are not among them
+FSDP_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true")
+
+
 @dataclass
 class TrainerConfig:
     """Lightning ``Trainer`` arguments (the trainer group)."""
@@ -53,28 +58,20 @@ class TrainerConfig:
     precision: str = spec(kind="choice", choices=(
         "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
         help="Lightning precision")
-    strategy: str = spec(kind="string", help="Lightning strategy (auto, ddp, fsdp)")
+    strategy: str = spec(kind="string",
+                         help="Lightning strategy (auto, ddp; fsdp: FSDP2, klsweep.trainer)")
     activation_checkpointing: bool = spec(kind="bool",
                                           help="fsdp: recompute each decoder layer's activations")
     enable_progress_bar: bool = spec(kind="bool", help="the progress bar")
 
     @staticmethod
     def check_run(cfg: Any) -> None:
-        """Lightning's FSDPStrategy refuses any accelerator but CUDA, with a stack trace from
-        inside the Trainer: say so in one line first."""
+        """Lightning's ModelParallelStrategy (trainer=fsdp) takes these precisions only, and
+        says so with a stack trace from inside the Trainer: say it in one line first."""
         trainer = cfg.trainer
-        if trainer.strategy != "fsdp":
-            return
-        import torch
-
-        # device_count asks NVML and leaves CUDA uninitialised, so a sweep can still fork
-        on_cpu = trainer.accelerator in ("cpu", "mps") or (
-            trainer.accelerator == "auto" and torch.cuda.device_count() == 0)
-        if on_cpu:
-            raise ConfigError(f"trainer.strategy=fsdp needs CUDA GPUs (Lightning's FSDPStrategy "
-                              f"refuses the CPU; got trainer.accelerator={trainer.accelerator}"
-                              f"{' and no GPU' if trainer.accelerator == 'auto' else ''}); "
-                              f"use trainer=ddp on CPU")
+        if trainer.strategy == "fsdp" and trainer.precision not in FSDP_PRECISIONS:
+            raise ConfigError(f"trainer.strategy=fsdp takes trainer.precision "
+                              f"{', '.join(FSDP_PRECISIONS)} (got {trainer.precision})")
 
 
 @dataclass

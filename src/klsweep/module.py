@@ -26,6 +26,7 @@ from klsweep.policy import PolicyPair
 from klsweep.records import JsonlLogger
 from klsweep.rollout import Prompts
 from klsweep.tasks.base import Task
+from klsweep.trainer import FullyShardedStrategy
 
 # metrics that count (summed over ranks) or peak (their maximum); the others are means
 SUMMED = ("perf/tokens", "perf/samples", "dpo/pairs")
@@ -85,8 +86,16 @@ class KLPolicyModule(L.LightningModule):
         # identically, they go to the local record only
         self.logged_until = -1
         self._restored: dict[str, Any] = {}  # a checkpoint's state that waits for fit
+        self._sharded = False
 
-    # --- data and optimiser -----------------------------------------------------------------
+    # --- sharding, data and optimiser ---------------------------------------------------------
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp``, shard the models before the optimiser sees them (once)."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, FullyShardedStrategy) and not self._sharded:
+            strategy.shard(self.policy, (self.reference, self.initial), self.algo_module)
+            self._sharded = True
+
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         self.stream = PromptStream(self.task, self.algo.prompts_per_step(), self.steps,
                                    self.seed + 1000 * self.global_rank, start=self.step_count,
@@ -122,7 +131,8 @@ class KLPolicyModule(L.LightningModule):
     # --- the step --------------------------------------------------------------------------------
     def on_train_start(self) -> None:
         if "optimizer" in self._restored:  # the optimiser exists only once fit has begun
-            self.trainer.optimizers[0].load_state_dict(self._restored.pop("optimizer"))
+            self.trainer.strategy.load_optimizer_state_dict(
+                {"optimizer_states": [self._restored.pop("optimizer")]})
         elif self.trainer.world_size > 1:
             # the ranks were seeded alike; their completions must not share random draws
             torch.manual_seed(self.seed + 1000 * self.global_rank)
@@ -212,6 +222,12 @@ class KLPolicyModule(L.LightningModule):
                     if not name.startswith(("reference.", "initial."))}
         return {key: value for key, value in state.items()
                 if key in trained or (moving and key.startswith("reference."))}
+
+    def trained_children(self) -> list[str]:
+        """The submodules that hold what ``trained_state`` keeps: the policy, an algorithm's
+        own module, and the reference when it moves."""
+        names = ["policy"] + (["algo_module"] if self.algo_module is not None else [])
+        return names + (["reference"] if self.pair.kl.reference.sync_every > 0 else [])
 
     def checkpoint_state(self) -> dict[str, Any]:
         """What the ranks share: the trained tensors, the optimiser, the schedule, the step

@@ -36,6 +36,7 @@ from klsweep.rollout import (
     token_logprobs,
 )
 from klsweep.schema import ConfigError, from_node, spec
+from klsweep.sharding import gathered
 
 PLACEMENTS = ("reward", "loss", "none")
 UNITS = ("token", "sequence")
@@ -195,7 +196,8 @@ class PolicyPair:
         ``max_rows``: decode at most that many rows at a time, with the same tokens."""
         start = self.reference if self.initial is None else self.initial
         start.eval()
-        return self._generate(start, prompts, n_per_prompt, max_rows)
+        with gathered(start):
+            return self._generate(start, prompts, n_per_prompt, max_rows)
 
     def _generate(self, model: nn.Module, prompts: Prompts, n_per_prompt: int,
                   max_rows: int | None = None) -> Rollout:

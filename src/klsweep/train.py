@@ -48,6 +48,7 @@ from klsweep.records import (
     write_json,
 )
 from klsweep.schema import from_node
+from klsweep.sharding import is_sharded
 from klsweep.tasks import Task, build_task
 from klsweep.tracking import run_tracking
 from klsweep.trainer import trainer_arguments
@@ -136,11 +137,6 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
     rank_zero = rank_zero_only.rank == 0  # Lightning's DDP ranks > 0 run this too
     settings = run_settings(OmegaConf.to_container(cfg, resolve=True))
     resume = plan_resume(cfg.resume, run_dir, settings)
-    if resume.checkpoint is not None and cfg.trainer.get("strategy") == "fsdp":
-        # the checkpoint holds the full optimiser state; loading it back into FSDP's shards
-        # (optim_state_dict_to_load) is not written yet, and nobody has run it on GPUs
-        raise ResumeError(f"resume: {resume.source or run_dir} holds a checkpoint, and runs with "
-                          f"trainer=fsdp cannot resume yet; resume=never starts over")
     if resume.completed is not None:
         if rank_zero:
             log.info(f"klsweep: {resume.source} holds a completed run; nothing to train "
@@ -182,13 +178,18 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
     except BaseException as err:
         status, reason, error = "failed", f"{type(err).__name__}: {err}", err
     fit_s = time.perf_counter() - fit_started
+    # a sharded policy is gathered by every rank to be exported, after a fit that every rank
+    # completed (after a failure the ranks may not all reach the gather)
+    export = error is None or not is_sharded(module.policy)
     if not rank_zero:
         if error is not None:
             raise error
+        export_policy(module.policy, None)
         return {}
     try:
         module.task.finalize(module.pair, run_dir)
-        export_policy(module.policy, run_dir)
+        if export:
+            export_policy(module.policy, run_dir)
     except Exception as err:  # a run whose record fails to write has failed too
         if error is None:
             status, reason, error = "failed", f"{type(err).__name__}: {err}", err

@@ -1,13 +1,24 @@
-"""The Lightning ``Trainer`` arguments of the trainer group, with the strategies that need
-the model: FSDP wraps each decoder layer of the policy in its own shard unit (and, on
-request, checkpoints its activations)."""
+"""The Lightning ``Trainer`` arguments of the trainer group, with the strategy that needs the
+model: ``trainer=fsdp`` shards each decoder layer of the policy in its own FSDP unit (and, on
+request, checkpoints its activations); the module applies the plan (``klsweep.sharding``)."""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import OmegaConf
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+from klsweep.sharding import FULL_ON_RANK_ZERO, shard_model, unsharded_trainable
 
 
 def decoder_layer_classes(policy: nn.Module) -> set[type[nn.Module]]:
@@ -25,15 +36,72 @@ def decoder_layer_classes(policy: nn.Module) -> set[type[nn.Module]]:
     return classes
 
 
+class FullyShardedStrategy(ModelParallelStrategy):
+    """Lightning's ModelParallelStrategy (FSDP2) as plain FSDP: every rank a data-parallel
+    rank, no tensor parallelism; the sharding plan of the trainer group (the decoder layer
+    classes, activation checkpointing), which the module applies in ``configure_model``; and
+    full optimiser states keyed by parameter name, gathered to rank 0 and scattered back."""
+
+    def __init__(self, layer_classes: set[type[nn.Module]],
+                 activation_checkpointing: bool = False) -> None:
+        super().__init__(save_distributed_checkpoint=False)
+        self.layer_classes = layer_classes
+        self.activation_checkpointing = activation_checkpointing
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
+
+    def shard(self, policy: nn.Module, frozen: Iterable[nn.Module | None],
+              own: nn.Module | None) -> None:
+        """Shard the policy (with the layer plan), the frozen models and an algorithm's own
+        module (PPO's value head); refuse to train a trainable parameter left out."""
+        # FSDP2 warns of each unit's output that is a view (a slice of the logits): an in-place
+        # op on it would skip a gather in backward; klsweep's passes take none (their numbers
+        # are DDP's: tests/test_fsdp.py)
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
+        mesh = self.device_mesh["data_parallel"]
+        shard_model(policy, mesh, self.layer_classes, self.activation_checkpointing)
+        for model in frozen:
+            if model is not None:
+                shard_model(model, mesh, self.layer_classes)
+        if own is not None:
+            shard_model(own, mesh, set())
+        left = unsharded_trainable([policy] if own is None else [policy, own])
+        if left:
+            raise RuntimeError(f"trainer.strategy=fsdp left trainable parameters unsharded "
+                               f"({', '.join(left[:3])}): nothing would reduce their gradients")
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The full state, on rank 0 (empty elsewhere), of the module's children that
+        training changes: a frozen reference is not gathered only to be left out."""
+        module = self.lightning_module
+        state = {}
+        for name in module.trained_children():
+            child = get_model_state_dict(getattr(module, name), options=FULL_ON_RANK_ZERO)
+            state.update({f"{name}.{key}": value for key, value in child.items()})
+        return state
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        """The full optimiser state keyed by parameter name, on rank 0 (empty elsewhere)."""
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's
+        return get_optimizer_state_dict(self.model, optimizer, options=FULL_ON_RANK_ZERO)
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        """Each rank keeps its shards of the full states ``optimizer_state`` saved (every
+        rank has read the checkpoint)."""
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"],
+                                    strict=True):
+            set_optimizer_state_dict(self.model, optimizer, state,
+                                     options=StateDictOptions(full_state_dict=True))
+
+
 def trainer_arguments(trainer_cfg: Any, policy: nn.Module) -> dict[str, Any]:
     """Keyword arguments of ``lightning.Trainer`` for the trainer node."""
     args = OmegaConf.to_container(trainer_cfg, resolve=True)
     activation_checkpointing = args.pop("activation_checkpointing")
     if args["strategy"] == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        layers = decoder_layer_classes(policy)
-        args["strategy"] = FSDPStrategy(
-            auto_wrap_policy=layers,
-            activation_checkpointing_policy=layers if activation_checkpointing else None)
+        args["strategy"] = FullyShardedStrategy(decoder_layer_classes(policy),
+                                                activation_checkpointing)
     return args

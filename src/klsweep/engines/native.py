@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from klsweep.rollout import Prompts, Rollout, generate
+from klsweep.sharding import gathered
 
 
 class NativeEngine:
@@ -25,9 +26,10 @@ class NativeEngine:
         was_training = self.policy.training
         self.policy.eval()
         try:
-            return generate(self.policy, prompts, n_per_prompt=n_per_prompt,
-                            max_new_tokens=self.max_new_tokens, eos_id=self.eos_id,
-                            temperature=self.temperature)
+            with gathered(self.policy):  # sharded (trainer=fsdp): gathered once, not per token
+                return generate(self.policy, prompts, n_per_prompt=n_per_prompt,
+                                max_new_tokens=self.max_new_tokens, eos_id=self.eos_id,
+                                temperature=self.temperature)
         finally:
             self.policy.train(was_training)
 

@@ -16,6 +16,7 @@ from klsweep.models.hf_build import HFModelConfig, build_hf
 from klsweep.models.hf_build import load_tokenizer as hf_tokenizer
 from klsweep.models.tiny import KVCache, TinyConfig, TinyGPT, build_tiny
 from klsweep.schema import from_node
+from klsweep.sharding import full_state_dict
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,16 @@ def load_tokenizer(model_cfg: Any) -> Any:
     return None if kind.tokenizer is None else kind.tokenizer(from_node(kind.Config, model_cfg))
 
 
-def export_policy(policy: nn.Module, run_dir: Path) -> None:
+def export_policy(policy: nn.Module, run_dir: Path | None) -> None:
     """What a finished run leaves for use elsewhere, beside its checkpoints: a LoRA policy's
     adapter in ``run_dir/adapter`` (``PeftModel.from_pretrained(base, run_dir / "adapter")``);
-    a full policy's weights are in the checkpoint already."""
+    a full policy's weights are in the checkpoint already. A sharded policy's state
+    (trainer=fsdp) is gathered by every rank; the ranks that do not write pass ``run_dir``
+    None."""
     if isinstance(policy, HFCausalLM) and policy.is_lora:
-        save_adapter(policy, run_dir / "adapter")
+        state = full_state_dict(policy, prefix="model.")
+        if run_dir is not None:
+            save_adapter(policy, run_dir / "adapter", state)
 
 
 def build_models(model_cfg: Any, task: Any) -> tuple[nn.Module, nn.Module]:

@@ -232,9 +232,11 @@ class AdapterDisabled(nn.Module):
                                                             group_size)
 
 
-def save_adapter(policy: HFCausalLM, directory: str | Path) -> None:
+def save_adapter(policy: HFCausalLM, directory: str | Path,
+                 state: dict[str, Tensor] | None = None) -> None:
     """Write a LoRA policy's adapter (only) into ``directory``, for
-    ``PeftModel.from_pretrained(base_model, directory)``."""
+    ``PeftModel.from_pretrained(base_model, directory)``; from ``state``, the peft model's
+    full state dict, where the policy's own holds shards (None: the policy's)."""
     if not policy.is_lora:
         raise ValueError("save_adapter needs a LoRA policy (model.lora is null)")
-    policy.model.save_pretrained(str(directory))
+    policy.model.save_pretrained(str(directory), state_dict=state)

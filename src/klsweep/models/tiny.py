@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from klsweep.models.base import padded_positions
 from klsweep.models.reference import pretrained_reference
@@ -167,6 +168,7 @@ class TinyGPT(nn.Module):
         self.vocab_size = vocab_size
         self.block_size = block_size
         self.hidden_size = config.n_embd
+        self.checkpointing = False  # enable_checkpointing
         self.wte = nn.Embedding(vocab_size, config.n_embd)
         self.wpe = nn.Embedding(block_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
@@ -204,8 +206,12 @@ class TinyGPT(nn.Module):
             pos = padded_positions(attention_mask, T)
             mask = _padded_causal_mask(attention_mask, T)
         x = self.wte(idx) + self.wpe(pos)
+        recompute = self.checkpointing and cache is None and torch.is_grad_enabled()
         for layer, block in enumerate(self.blocks):
-            x = block(x, cache, layer, record, mask)
+            if recompute:
+                x = checkpoint(block, x, None, layer, False, mask, use_reentrant=False)
+            else:
+                x = block(x, cache, layer, record, mask)
         if cache is not None:
             cache.length = start + T
         return self.ln_f(x)
@@ -218,6 +224,13 @@ class TinyGPT(nn.Module):
         vocabulary they cost nothing, and the head's product keeps its shape (and numbers)."""
         logits = self.lm_head(self.hidden_states(idx, cache, record, attention_mask))
         return logits[:, -1:] if last_only else logits
+
+    def enable_checkpointing(self) -> None:
+        """Activation checkpointing: each block's activations are recomputed in backward
+        instead of kept. A pass with gradient then runs without a shared prompt, whose
+        blocks read a prefix that the pass itself advances (a recomputed block would read
+        it advanced), as transformers refuses a cache under checkpointing."""
+        self.checkpointing = True
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         weight = self.wte.weight
@@ -259,7 +272,7 @@ class TinyGPT(nn.Module):
         """(logits, hidden states) at the positions that predict the completion tokens. The
         head runs on the states of every position and is sliced after, as ``forward`` does:
         a product of another shape could round differently."""
-        if group_size > 1:
+        if group_size > 1 and not (self.checkpointing and torch.is_grad_enabled()):
             prefix = SharedPrefix(group_size)
             prompt_mask = None if attention_mask is None else attention_mask[::group_size,
                                                                              :prompt_len]
