@@ -163,71 +163,74 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
         default_root_dir=run_dir, enable_model_summary=False, num_sanity_val_steps=0,
         enable_checkpointing=False, log_every_n_steps=1,
         **trainer_arguments(cfg.trainer, module.policy))
-    status, reason, error = "completed", None, None
-    fit_started = time.perf_counter()
-    try:
-        with stop:
+    # the handlers stay until the record is written: a forked job of a killed sweep gets
+    # SIGTERM once per thread of its dying parent (Linux reparents it to each in turn), and
+    # a second one after fit must not end the process before summary.json exists
+    with stop:
+        status, reason, error = "completed", None, None
+        fit_started = time.perf_counter()
+        try:
             if module.step_count < cfg.steps:  # else killed after its last checkpoint
                 trainer.fit(module)
-    except RunFailed as err:
-        status, reason, error = err.status, str(err), err
-    except TrialPruned as err:  # the sweep's pruner stopped this trial: not a failure
-        status, reason, error = "pruned", str(err), err
-    except (KeyboardInterrupt, SystemExit) as err:  # a second Ctrl-C: Lightning exits at once
-        status, reason, error = "interrupted", "stopped at once by a second Ctrl-C", err
-    except BaseException as err:
-        status, reason, error = "failed", f"{type(err).__name__}: {err}", err
-    fit_s = time.perf_counter() - fit_started
-    # a sharded policy is gathered by every rank to be exported, after a fit that every rank
-    # completed (after a failure the ranks may not all reach the gather)
-    export = error is None or not is_sharded(module.policy)
-    if not rank_zero:
+        except RunFailed as err:
+            status, reason, error = err.status, str(err), err
+        except TrialPruned as err:  # the sweep's pruner stopped this trial: not a failure
+            status, reason, error = "pruned", str(err), err
+        except (KeyboardInterrupt, SystemExit) as err:  # a second Ctrl-C: Lightning exits at once
+            status, reason, error = "interrupted", "stopped at once by a second Ctrl-C", err
+        except BaseException as err:
+            status, reason, error = "failed", f"{type(err).__name__}: {err}", err
+        fit_s = time.perf_counter() - fit_started
+        # a sharded policy is gathered by every rank to be exported, after a fit that every rank
+        # completed (after a failure the ranks may not all reach the gather)
+        export = error is None or not is_sharded(module.policy)
+        if not rank_zero:
+            if error is not None:
+                raise error
+            export_policy(module.policy, None)
+            return {}
+        try:
+            module.task.finalize(module.pair, run_dir)
+            if export:
+                export_policy(module.policy, run_dir)
+        except Exception as err:  # a run whose record fails to write has failed too
+            if error is None:
+                status, reason, error = "failed", f"{type(err).__name__}: {err}", err
+
+        history = module.history
+        # this invocation's throughput: a resumed run's earlier steps ran in another process
+        tokens = sum(row.get("perf/tokens", 0.0) for row in history[resume.step:])
+        summary: dict[str, Any] = {
+            "status": status, "reason": reason, "name": run_name(cfg),
+            "algo": cfg.algo.name, "estimator": cfg.kl.estimator,
+            "schedule": cfg.kl.schedule.name, "placement": cfg.kl.placement,
+            "divergence": cfg.kl.divergence, "task": cfg.task.name,
+            "seed": cfg.seed, "steps": cfg.steps, "steps_done": len(history),
+            "resumed_from_step": resume.step,
+            "wall_time_s": time.perf_counter() - started, "fit_time_s": fit_s,
+            "perf/tokens_per_s": tokens / fit_s if fit_s > 0 else 0.0,
+            **checkpoints.timing(),
+            **summarize(history),
+            # the figure β steers: the configured divergence (the KL's kl/seq and kl/mean again)
+            **run_tracking(history, cfg.kl.target,
+                           "kl/divergence_seq" if cfg.kl.unit == "sequence" else "kl/divergence"),
+            "group": cfg.logger.get("group") or group,
+            "run_dir": str(run_dir), "versions": versions(),
+        }
+        for logger in loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.summary.update(
+                    {k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+                summary["wandb_dir"] = logger.experiment.dir
+                logger.experiment.finish(exit_code=0 if status == "completed" else 1)
+        try:
+            write_json(run_dir / "summary.json", summary)
+        except OSError as err:  # the disk that refused a checkpoint may refuse this too
+            log.error(f"klsweep: cannot write {run_dir / 'summary.json'}: {err}")
+        log.info(summary_line(summary))
         if error is not None:
             raise error
-        export_policy(module.policy, None)
-        return {}
-    try:
-        module.task.finalize(module.pair, run_dir)
-        if export:
-            export_policy(module.policy, run_dir)
-    except Exception as err:  # a run whose record fails to write has failed too
-        if error is None:
-            status, reason, error = "failed", f"{type(err).__name__}: {err}", err
-
-    history = module.history
-    # this invocation's throughput: a resumed run's earlier steps ran in another process
-    tokens = sum(row.get("perf/tokens", 0.0) for row in history[resume.step:])
-    summary: dict[str, Any] = {
-        "status": status, "reason": reason, "name": run_name(cfg),
-        "algo": cfg.algo.name, "estimator": cfg.kl.estimator,
-        "schedule": cfg.kl.schedule.name, "placement": cfg.kl.placement,
-        "divergence": cfg.kl.divergence, "task": cfg.task.name,
-        "seed": cfg.seed, "steps": cfg.steps, "steps_done": len(history),
-        "resumed_from_step": resume.step,
-        "wall_time_s": time.perf_counter() - started, "fit_time_s": fit_s,
-        "perf/tokens_per_s": tokens / fit_s if fit_s > 0 else 0.0,
-        **checkpoints.timing(),
-        **summarize(history),
-        # the figure β steers: the configured divergence (the KL's kl/seq and kl/mean again)
-        **run_tracking(history, cfg.kl.target,
-                       "kl/divergence_seq" if cfg.kl.unit == "sequence" else "kl/divergence"),
-        "group": cfg.logger.get("group") or group,
-        "run_dir": str(run_dir), "versions": versions(),
-    }
-    for logger in loggers:
-        if isinstance(logger, WandbLogger):
-            logger.experiment.summary.update(
-                {k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
-            summary["wandb_dir"] = logger.experiment.dir
-            logger.experiment.finish(exit_code=0 if status == "completed" else 1)
-    try:
-        write_json(run_dir / "summary.json", summary)
-    except OSError as err:  # the disk that refused a checkpoint may refuse this too
-        log.error(f"klsweep: cannot write {run_dir / 'summary.json'}: {err}")
-    log.info(summary_line(summary))
-    if error is not None:
-        raise error
-    return summary
+        return summary
 
 
 def summary_line(s: dict[str, Any]) -> str:
