@@ -22,15 +22,12 @@ from contextlib import contextmanager
 from typing import Any
 
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
 # the model interface's entry points that do not pass through ``forward`` (models/base.py):
 # FSDP gathers a unit's parameters around each of them as it does around ``forward``
 ENTRY_POINTS = ("completion_logits", "completion_logits_and_hidden")
-# a full state on rank 0 only, in CPU memory: what one file of a checkpoint holds
-FULL_ON_RANK_ZERO = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def shard_model(model: nn.Module, mesh: Any, layer_classes: set[type[nn.Module]],
@@ -70,8 +67,40 @@ def full_state_dict(model: nn.Module, prefix: str = "") -> dict[str, Tensor] | N
     holds its shards, even while it is gathered."""
     if not is_sharded(model):
         return None
-    state = get_model_state_dict(model, options=FULL_ON_RANK_ZERO)
-    return {key.removeprefix(prefix): value for key, value in state.items()}
+    return {key.removeprefix(prefix): value for key, value in gathered_state(model).items()}
+
+
+def _state_dict_api() -> Any:
+    # torch.distributed.checkpoint takes 0.1 s to import: only runs that shard pay for it
+    from torch.distributed.checkpoint import state_dict
+
+    return state_dict
+
+
+def _full_on_rank_zero() -> Any:
+    """A full state on rank 0 only, in CPU memory: what one file of a checkpoint holds."""
+    return _state_dict_api().StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def gathered_state(model: nn.Module) -> dict[str, Tensor]:
+    """``model``'s full state dict on rank 0, in CPU memory ({} on the other ranks, which
+    must call it too: it gathers)."""
+    return _state_dict_api().get_model_state_dict(model, options=_full_on_rank_zero())
+
+
+def gathered_optimizer_state(model: nn.Module, optimizer: Any) -> dict[str, Any]:
+    """The full state of ``optimizer`` over ``model``'s parameters, keyed by parameter name,
+    on rank 0 ({} elsewhere; every rank calls it)."""
+    return _state_dict_api().get_optimizer_state_dict(model, optimizer,
+                                                      options=_full_on_rank_zero())
+
+
+def scatter_optimizer_state(model: nn.Module, optimizer: Any, state: dict[str, Any]) -> None:
+    """Load a full optimizer ``state`` (``gathered_optimizer_state``'s, read by every rank):
+    each rank keeps its shards."""
+    api = _state_dict_api()
+    api.set_optimizer_state_dict(model, optimizer, state,
+                                 options=api.StateDictOptions(full_state_dict=True))
 
 
 @contextmanager

@@ -11,14 +11,14 @@ from typing import Any
 from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import OmegaConf
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
 
-from klsweep.sharding import FULL_ON_RANK_ZERO, shard_model, unsharded_trainable
+from klsweep.sharding import (
+    gathered_optimizer_state,
+    gathered_state,
+    scatter_optimizer_state,
+    shard_model,
+    unsharded_trainable,
+)
 
 
 def decoder_layer_classes(policy: nn.Module) -> set[type[nn.Module]]:
@@ -79,22 +79,21 @@ class FullyShardedStrategy(ModelParallelStrategy):
         module = self.lightning_module
         state = {}
         for name in module.trained_children():
-            child = get_model_state_dict(getattr(module, name), options=FULL_ON_RANK_ZERO)
+            child = gathered_state(getattr(module, name))
             state.update({f"{name}.{key}": value for key, value in child.items()})
         return state
 
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
         """The full optimiser state keyed by parameter name, on rank 0 (empty elsewhere)."""
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's
-        return get_optimizer_state_dict(self.model, optimizer, options=FULL_ON_RANK_ZERO)
+        return gathered_optimizer_state(self.model, optimizer)
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         """Each rank keeps its shards of the full states ``optimizer_state`` saved (every
         rank has read the checkpoint)."""
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"],
                                     strict=True):
-            set_optimizer_state_dict(self.model, optimizer, state,
-                                     options=StateDictOptions(full_state_dict=True))
+            scatter_optimizer_state(self.model, optimizer, state)
 
 
 def trainer_arguments(trainer_cfg: Any, policy: nn.Module) -> dict[str, Any]:
