@@ -109,7 +109,7 @@ def gathered(model: nn.Module) -> Iterator[None]:
     each forward (token-by-token decoding would gather every layer at every token), and
     sharded again after it. Holds the full weights meanwhile; an unsharded model passes
     through."""
-    if not isinstance(model, FSDPModule):
+    if not is_sharded(model):
         yield
         return
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]

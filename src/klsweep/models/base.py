@@ -8,8 +8,10 @@ algorithms never ask which model they hold.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 
@@ -17,6 +19,17 @@ def padded_positions(attention_mask: Tensor, length: int) -> Tensor:
     """Position ids [B, length] of the last ``length`` tokens: a left-padded row counts its
     real tokens only (as transformers' generate: cumsum − 1, clamped at 0 on padding)."""
     return (attention_mask.long().cumsum(1) - 1).clamp(min=0)[:, -length:]
+
+
+def in_row_chunks(fn: Callable[[Tensor, Tensor | None], tuple[Tensor, ...]], tokens: Tensor,
+                  attention_mask: Tensor | None, rows: int) -> tuple[Tensor, ...]:
+    """``fn(tokens, attention_mask)`` on chunks of ``rows`` rows, each of its outputs
+    concatenated: a pass without gradient in bounded memory."""
+    token_chunks = tokens.split(rows)
+    mask_chunks = ((None,) * len(token_chunks) if attention_mask is None
+                   else attention_mask.split(rows))
+    parts = [fn(t, m) for t, m in zip(token_chunks, mask_chunks, strict=True)]
+    return tuple(torch.cat(outputs) for outputs in zip(*parts, strict=True))
 
 
 class Cache(Protocol):

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from klsweep.models.base import padded_positions
+from klsweep.models.base import in_row_chunks, padded_positions
 
 if TYPE_CHECKING:
     from transformers import DynamicCache
@@ -161,11 +161,8 @@ class HFCausalLM(nn.Module):
             return fn(tokens, attention_mask)
         # each chunk goes to the unchunked body: a chunk of one whole group can exceed
         # chunk_rows, and splitting it again would never end
-        rows = max(self.chunk_rows // group_size, 1) * group_size
-        chunks = tokens.split(rows)
-        masks = [None] * len(chunks) if attention_mask is None else attention_mask.split(rows)
-        parts = [fn(t, m) for t, m in zip(chunks, masks, strict=True)]
-        return tuple(torch.cat(outputs) for outputs in zip(*parts, strict=True))
+        return in_row_chunks(fn, tokens, attention_mask,
+                             max(self.chunk_rows // group_size, 1) * group_size)
 
     def init_weights(self) -> None:
         """Fresh initial weights from torch's global generator (the reference recipes')."""

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from klsweep.models.base import padded_positions
+from klsweep.models.base import in_row_chunks, padded_positions
 from klsweep.models.reference import pretrained_reference
 from klsweep.schema import ConfigError, spec
 
@@ -260,12 +260,8 @@ class TinyGPT(nn.Module):
                    group_size: int) -> tuple[Tensor, ...]:
         if torch.is_grad_enabled() or tokens.shape[0] <= NO_GRAD_CHUNK:
             return fn(tokens, attention_mask)
-        rows = no_grad_chunk_rows(tokens.shape[0], group_size)
-        token_chunks = tokens.split(rows)
-        mask_chunks = ((None,) * len(token_chunks) if attention_mask is None
-                       else attention_mask.split(rows))
-        parts = [fn(t, m) for t, m in zip(token_chunks, mask_chunks, strict=True)]
-        return tuple(torch.cat(outputs) for outputs in zip(*parts, strict=True))
+        return in_row_chunks(fn, tokens, attention_mask,
+                             no_grad_chunk_rows(tokens.shape[0], group_size))
 
     def _completion(self, tokens: Tensor, attention_mask: Tensor | None, prompt_len: int,
                     group_size: int) -> tuple[Tensor, Tensor]:

@@ -6,13 +6,14 @@ it does not import the audit (a command above it)."""
 
 from __future__ import annotations
 
-import glob
 import json
 import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from klsweep.report.runs import dirs_holding
 
 RECORD = "audit.json"
 KEYS = ("estimator", "placement", "gradient", "is_correction")
@@ -34,14 +35,7 @@ class Audit:
 def find_audits(paths: Iterable[str]) -> list[Audit]:
     """Every dir holding audit.json, at or below each PATH (globs expanded), in path order;
     named ``audit`` when there is one, ``audit-1``, ``audit-2``, ... when there are more."""
-    found: dict[Path, None] = {}
-    for pattern in paths:
-        for match in sorted(glob.glob(pattern)) or [pattern]:
-            root = Path(match)
-            records = [root / RECORD] if (root / RECORD).is_file() else \
-                sorted(root.rglob(RECORD)) if root.is_dir() else []
-            found.update({record.parent.resolve(): None for record in records})
-    dirs = sorted(found)
+    dirs = dirs_holding(paths, RECORD)
     return [Audit(d, json.loads((d / RECORD).read_text()),
                   "audit" if len(dirs) == 1 else f"audit-{i}") for i, d in enumerate(dirs, 1)]
 

@@ -107,19 +107,25 @@ class Group:
 # --- reading ---------------------------------------------------------------------------------
 def find_run_dirs(paths: Iterable[str]) -> list[Path]:
     """Every dir holding a metrics.jsonl, at or below each PATH (globs expanded)."""
+    return dirs_holding(paths, "metrics.jsonl")
+
+
+def dirs_holding(paths: Iterable[str], name: str) -> list[Path]:
+    """Every dir holding a file ``name``, at or below each PATH (globs expanded), in natural
+    order."""
     found: dict[Path, None] = {}
     for pattern in paths:
         matches = sorted(glob.glob(pattern)) or [pattern]
         for match in matches:
             root = Path(match)
-            if (root / "metrics.jsonl").is_file():
+            if (root / name).is_file():
                 found[root.resolve()] = None
             elif root.is_dir():
-                for metrics in sorted(root.rglob("metrics.jsonl")):
-                    found[metrics.parent.resolve()] = None
+                for record in sorted(root.rglob(name)):
+                    found[record.parent.resolve()] = None
             else:
                 raise FileNotFoundError(f"no run dir at {match} (expected a dir holding "
-                                        f"metrics.jsonl, or a sweep dir above such dirs)")
+                                        f"{name}, or a sweep dir above such dirs)")
     return sorted(found, key=_natural_key)
 
 
