@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from klsweep.kl import masked_mean
+from klsweep.kl import kl_per_token, masked_mean
 
 
 @torch.no_grad()
@@ -20,7 +20,7 @@ def mismatch_metrics(train_logp: Tensor, engine_logp: Tensor, mask: Tensor) -> d
     the engine's samples (DESIGN §4's k3 with the engine as the sampler);
     ``rollout/mismatch_max``: the largest |l| over those tokens."""
     log_ratio = (engine_logp - train_logp).float()
-    k3 = torch.expm1(-log_ratio) + log_ratio
+    k3 = kl_per_token(engine_logp.float(), train_logp.float(), "k3", clamp=None)
     largest = log_ratio.abs().masked_fill(~mask, 0.0).max() if bool(mask.any()) else 0.0
     return {"rollout/mismatch_k3": float(masked_mean(k3, mask)),
             "rollout/mismatch_max": float(largest)}
