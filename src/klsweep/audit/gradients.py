@@ -19,6 +19,7 @@ from torch import Tensor
 
 from klsweep.kl import ESTIMATORS, full_kl, masked_sum
 from klsweep.kl.divergences import ReverseKL
+from klsweep.kl.f_terms import sum_after
 from klsweep.policy import GRADIENTS, UNITS, PolicyPair
 
 
@@ -122,7 +123,7 @@ def sequence_target(batch: Batch) -> Tensor:
     plus each token's score times the exact KL of the positions after it (Rao–Blackwellised:
     E[Σ_t KL_t] differentiated through the prefixes' probabilities too)."""
     per_position = _position_kl(batch, forward=False) * batch.mask
-    later = per_position.flip(1).cumsum(1).flip(1) - per_position  # Σ_{s>t} KL_s
+    later = sum_after(per_position)  # Σ_{s>t} KL_s
     score = masked_sum(batch.logp * later.detach(), batch.mask)
     return importance(batch) * (per_position.sum(1) + score)
 

@@ -52,7 +52,7 @@ def on_last_token(values: Tensor, mask: Tensor) -> Tensor:
     return out
 
 
-def _after(values: Tensor) -> Tensor:
+def sum_after(values: Tensor) -> Tensor:
     """Σ_{t′>t} values[t′] at t."""
     return values.flip(1).cumsum(1).flip(1) - values
 
@@ -127,8 +127,8 @@ def loss_term(div, logp: Tensor, ref_logp: Tensor, mask: Tensor, *, unit: str, e
             weight = div.f_prime(_sequence_log_ratio(logp, ref_logp, mask, clamp))[:, None]
         elif estimator != "full":
             log_u = _log_ratio(logp, ref_logp, mask, clamp)
-            weight = div.f_prime(log_u) + _after(div.sampled_value(log_u) * mask)
+            weight = div.f_prime(log_u) + sum_after(div.sampled_value(log_u) * mask)
     if unit == TOKEN and estimator == "full":
         d = vocab_terms(div, logits, ref_logits, clamp)[0] * mask
-        return value + (d - d.detach()) + score * _after(d.detach())
+        return value + (d - d.detach()) + score * sum_after(d.detach())
     return value + score * weight * mask
