@@ -59,8 +59,10 @@ def check_value(key: str, value: Any, meta: dict[str, Any]) -> None:
                 and value <= meta.get("le", math.inf) and value < meta.get("lt", math.inf)):
             raise ConfigError(f"{key} must be {wanted} {got}")
     elif kind == "choice":
-        if value not in meta["choices"]:
-            allowed = ", ".join(str(c) for c in meta["choices"])
+        # by type too: 1 == True, and a choice of true/false takes no number
+        if not any(type(value) is type(c) and value == c for c in meta["choices"]):
+            allowed = ", ".join(str(c).lower() if isinstance(c, bool) else str(c)
+                                for c in meta["choices"])
             raise ConfigError(f"{key} must be one of {allowed} {got}")
     elif kind == "bool":
         if not isinstance(value, bool):

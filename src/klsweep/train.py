@@ -29,7 +29,7 @@ from klsweep.checkpoint import (
     plan_resume,
     run_settings,
 )
-from klsweep.config import build_schedule, validate
+from klsweep.config import build_schedule, settle, validate
 from klsweep.engines import build_engine
 from klsweep.errors import RunFailed
 from klsweep.models import build_models, export_policy, load_tokenizer
@@ -133,6 +133,7 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
     summary (also in summary.json). A run that fails or is interrupted writes its summary
     with the reason and raises; a completed run dir is not trained again."""
     validate(cfg)
+    settle(cfg)
     started = time.perf_counter()
     rank_zero = rank_zero_only.rank == 0  # Lightning's DDP ranks > 0 run this too
     settings = run_settings(OmegaConf.to_container(cfg, resolve=True))
