@@ -91,7 +91,9 @@ def test_a_tiny_run_writes_its_record_and_wandb_history(tmp_path):
 
     # W&B's own reader gives back the KL trajectory the run logged
     (wandb_run,) = (run_dir / "wandb").glob("offline-run-*")
-    records = subprocess.run(["wandb", "leet", "inspect", "--json", str(wandb_run)],
+    # the interpreter that runs the tests: a venv that is not activated has no wandb on PATH
+    records = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json",
+                              str(wandb_run)],
                              capture_output=True, text=True, check=True).stdout
     history = [json.loads(line)["history"] for line in records.splitlines()
                if '"type":"history"' in line]
