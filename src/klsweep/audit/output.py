@@ -48,7 +48,8 @@ def figure(result: dict[str, Any], path: Path) -> None:
     targets = list(dict.fromkeys(r["target"] for r in rows))
     labels = list(dict.fromkeys(
         f"{r['estimator']} {r['placement']}" + (" ∇k2" if r["gradient"] == "k2" else "")
-        + (" IS" if r["is_correction"] else "") for r in rows))
+        + (" IS-seq" if r["is_correction"] == "sequence" else " IS" if r["is_correction"]
+           else "") for r in rows))
     fig, ax = plt.subplots(figsize=(12, 4.5))
     width = 0.8 / len(targets)
     for i, name in enumerate(targets):

@@ -56,7 +56,8 @@ def copy_into(audits: Sequence[Audit], out: Path) -> dict[str, str]:
 def _way(row: dict[str, Any]) -> str:
     return (f"{row['estimator']} in the {row['placement']}"
             + (", ∇ of k2" if row["gradient"] == "k2" else "")
-            + (", IS-corrected" if row["is_correction"] else ""))
+            + (", sequence-IS-corrected" if row["is_correction"] == "sequence"
+               else ", IS-corrected" if row["is_correction"] else ""))
 
 
 def markdown_lines(audits: Sequence[Audit]) -> list[str]:
