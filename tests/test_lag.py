@@ -244,6 +244,21 @@ def test_a_lagged_run_logs_its_lag_and_both_sides_timing_and_is_deterministic(
 
 
 @pytest.mark.slow
+def test_at_lag_1_the_rollout_of_each_step_is_sampled_with_the_weights_of_the_step_before(
+        tmp_path):
+    # AReaL's decoupled correction weighs each token by π_prox/π_behaviour, π_prox the
+    # trainer's copy of the policy one step behind: 1 to float rounding on every token if,
+    # and only if, the engine process sampled with exactly those weights
+    _, rows = run_and_read(tmp_path, *LAGGED, "rollout.lag=1", "rollout.correction=decoupled",
+                           "steps=5")
+    assert [row["rollout/lag"] for row in rows] == [0, 1, 1, 1, 1]
+    for row in rows:
+        assert row["rollout/is_max"] < 1 + 1e-5 and row["rollout/is_cut"] == 0
+        assert row["rollout/is_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert rows[-1]["rollout/mismatch_max"] > 1e-3  # while the policy moved a step each time
+
+
+@pytest.mark.slow
 def test_a_lagged_run_killed_with_sigkill_resumes_to_the_numbers_of_the_run_left_alone(
         left_alone, tmp_path):
     process = start(tmp_path, LAGGED)
