@@ -143,7 +143,7 @@ class PolicyGradientCorrection:
 
     @torch.no_grad()
     def _proximal_logprobs(self, rollout: Rollout) -> Tensor:
-        self.proximal.eval()
+        self.proximal.to(rollout.tokens.device).eval()  # where the trainer moved the policy
         logits = completion_logits(self.proximal, rollout, self.temperature)
         return token_logprobs(logits, rollout.completions) * rollout.mask
 
