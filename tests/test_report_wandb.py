@@ -49,6 +49,8 @@ def test_offline_runs_and_report_are_laid_out_for_comparison(tmp_path, monkeypat
         assert state["name"] == local["name"] == expected_name
         names.add(state["name"])
         assert {"k3", local["schedule"]} <= set(state["tags"])
+        # the swept values, as tags: the default name shows these two already
+        assert {f"schedule={local['schedule']}", f"seed={local['seed']}"} <= set(state["tags"])
         (run,) = [r["run"] for r in records(run_dir) if r["type"] == "run"]
         assert run["run_group"] == local["group"] == "sweep"
         assert run["job_type"] == "grpo"

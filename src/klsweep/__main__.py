@@ -46,11 +46,12 @@ _MAX_GRID_CHECK = 256
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> dict[str, Any]:
+    from klsweep.swept import sweep_job
     from klsweep.train import train
 
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:  # the sweeper records a trial's failure
-        return train(cfg, Path(hydra_cfg.runtime.output_dir), group=Path(hydra_cfg.sweep.dir).name)
+        return train(cfg, Path(hydra_cfg.runtime.output_dir), sweep=sweep_job(hydra_cfg))
     try:
         return train(cfg, Path(hydra_cfg.runtime.output_dir))
     except ConfigError as err:  # resume=... that cannot be resumed: nothing was written

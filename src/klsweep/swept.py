@@ -1,0 +1,120 @@
+"""What a sweep varies, and how its jobs show it: the keys a multirun sweeps, each job's values
+of them, and the job's run name and W&B tags.
+
+The swept keys are read as Hydra's sweepers read them: ``hydra.sweeper.params`` first, then the
+command line, where a sweep value (``a=1,2``, ``choice(...)``, ``interval(...)``, ``range(...)``)
+sweeps its key and a plain value fixes it for every job.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+
+# W&B refuses a tag longer than this (wandb.sdk.wandb_settings)
+MAX_TAG = 64
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    """A job of a multirun: its W&B group (the sweep dir's name) and its values of the keys
+    the sweep varies, in the sweep's order."""
+
+    group: str
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) pairs: ``params.kl.beta=...`` on the command line nests ``beta``
+    under ``kl``, while a YAML preset writes the key ``kl.beta`` whole; both mean kl.beta."""
+    for key, value in params.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            yield from flatten_params(value, prefix=f"{full}.")
+        else:
+            yield full, value
+
+
+def swept_keys(params: Mapping[str, Any] | None, arguments: Sequence[str]) -> list[str]:
+    """The keys a sweep varies, in order: those of ``hydra.sweeper.params`` whose value is a
+    sweep, then the command line's sweep overrides; a plain value on the command line fixes
+    its key."""
+    parser = OverridesParser.create()
+    swept: dict[str, None] = {}
+    lines = [f"{key}={value}" for key, value in flatten_params(params or {})
+             if isinstance(value, str)]  # a number or a bool in params is a fixed value
+    for override in parser.parse_overrides([*lines, *arguments]):
+        if override.is_sweep_override():
+            swept[override.key_or_group] = None
+        else:
+            swept.pop(override.key_or_group, None)
+    return list(swept)
+
+
+def sweep_keys_of(hydra_cfg: DictConfig) -> list[str]:
+    """The keys a sweep varies, read from its Hydra config (``hydra``: the sweep's own, as
+    multirun.yaml holds it, not a job's)."""
+    params = hydra_cfg.sweeper.get("params")
+    params = OmegaConf.to_container(params) if isinstance(params, DictConfig) else {}
+    return swept_keys(params, list(hydra_cfg.overrides.task))
+
+
+def swept_values(job_overrides: Sequence[str], keys: Sequence[str]) -> dict[str, Any]:
+    """A job's value of each swept key, as its overrides set it, in the order of ``keys``."""
+    given = {o.key_or_group: o.value()
+             for o in OverridesParser.create().parse_overrides(list(job_overrides))}
+    return {key: given[key] for key in keys if key in given}
+
+
+def sweep_job(hydra_cfg: DictConfig) -> SweepJob:
+    """The sweep a running multirun job belongs to (``hydra_cfg``: its HydraConfig). Its
+    overrides hold every value, fixed and swept alike; which keys were swept is read from
+    ``multirun.yaml``, the sweep's own config, which Hydra's sweepers (and klsweep's) save in
+    the sweep dir before the first job starts."""
+    sweep_dir = Path(hydra_cfg.sweep.dir)
+    saved = sweep_dir / "multirun.yaml"
+    keys = sweep_keys_of(OmegaConf.load(saved).hydra) if saved.is_file() else []
+    return SweepJob(group=sweep_dir.name,
+                    values=swept_values(list(hydra_cfg.overrides.task), keys))
+
+
+# --- how a job shows its values -------------------------------------------------------------
+def shown(value: Any) -> str:
+    """A swept value as a name shows it: floats to 4 significant digits."""
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def labels(keys: Iterable[str]) -> dict[str, str]:
+    """A short label per key: its last part (``kl.beta`` → ``beta``), or the whole key where
+    two keys would share one."""
+    keys = list(keys)
+    last = [key.rpartition(".")[2] for key in keys]
+    return {key: short if last.count(short) == 1 else key
+            for key, short in zip(keys, last, strict=True)}
+
+
+def values_label(values: Mapping[str, Any]) -> str:
+    """``divergence=js beta=0.1``: each value with its key's short label."""
+    short = labels(values)
+    return " ".join(f"{short[key]}={shown(value)}" for key, value in values.items())
+
+
+def run_name(base: str, values: Mapping[str, Any], named: Iterable[str] = ()) -> str:
+    """``base`` followed by the swept values that it does not show already (``named``)."""
+    rest = {key: value for key, value in values.items() if key not in set(named)}
+    return f"{base} {values_label(rest)}" if rest else base
+
+
+def run_tags(values: Mapping[str, Any]) -> list[str]:
+    """One W&B tag per swept value, ``key=value`` with the whole key (W&B's limit: 64
+    characters)."""
+    tags = [f"{key}={shown(value)}" for key, value in values.items()]
+    return [tag if len(tag) <= MAX_TAG else tag[:MAX_TAG - 1] + "…" for tag in tags]
