@@ -1,6 +1,6 @@
 """What a sweep varied, as its jobs show it: the swept keys read as Hydra's sweepers read them
-(and as klsweep's Optuna sweeper searches them), each job's values, its run name and W&B
-tags."""
+(and as klsweep's Optuna sweeper searches them), each job's values, its run name and W&B tags,
+and the sweep console's lines."""
 
 from __future__ import annotations
 
@@ -11,13 +11,17 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
 from hydra_plugins.klsweep_optuna._search_space import parse_search_space
 from klsweep.config import CONF_DIR, compose_and_validate
+from klsweep.errors import KLDiverged
 from klsweep.swept import (
     MAX_TAG,
     SweepJob,
+    event_line,
+    job_outcome,
     run_tags,
     swept_keys,
     swept_values,
@@ -100,3 +104,17 @@ def test_names_stay_short_and_tags_within_w_and_b_s_limit():
                                     "algo.mix=0.5")
     (tag,) = run_tags({"task.prompts": "x" * 100})
     assert len(tag) == MAX_TAG and tag.startswith("task.prompts=xxx")
+
+
+def test_a_job_s_line_says_how_it_ended_with_its_numbers_or_its_reason():
+    values = {"kl.divergence": "js", "kl.beta": 0.1}
+    done = JobReturn(status=JobStatus.COMPLETED,
+                     _return_value={"reward/final": 0.51234, "kl/final": 0.0123, "name": "x"})
+    assert event_line("job", 3, *job_outcome(done), values) == (
+        "klsweep: job 3 completed · reward/final=0.5123 kl/final=0.0123 · divergence=js "
+        "beta=0.1")
+    diverged = JobReturn(status=JobStatus.FAILED,
+                         _return_value=KLDiverged("KL 12 exceeded kl.max=10 at step 4"))
+    assert job_outcome(diverged) == ("diverged", "KL 12 exceeded kl.max=10 at step 4")
+    crashed = JobReturn(status=JobStatus.FAILED, _return_value=ValueError("bad\nvalue"))
+    assert job_outcome(crashed) == ("failed", "ValueError: bad")

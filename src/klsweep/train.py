@@ -112,9 +112,10 @@ def prepare_to_fork(cfg: DictConfig) -> None:
         start_wandb_service()
 
 
-def build_callbacks(cfg: DictConfig, checkpoints: RunCheckpoint) -> list[Callback]:
+def build_callbacks(cfg: DictConfig, checkpoints: RunCheckpoint,
+                    progress_bar: bool) -> list[Callback]:
     callbacks: list[Callback] = [checkpoints]
-    if cfg.trainer.enable_progress_bar:
+    if progress_bar:
         callbacks.append(StepProgressBar())
     if cfg.trial.storage:  # a trial of an Optuna sweep: report to its pruner
         from klsweep.pruning import TrialPruning
@@ -144,7 +145,8 @@ def train(cfg: DictConfig, run_dir: Path, sweep: SweepJob | None = None) -> dict
     """Fit the configured run in ``run_dir``, resuming it as ``resume`` says; return the
     summary (also in summary.json). A run that fails or is interrupted writes its summary
     with the reason and raises; a completed run dir is not trained again. A job of a
-    ``sweep`` is named and tagged by its swept values."""
+    ``sweep`` is named and tagged by its swept values and draws no progress bar: jobs running
+    at once share the console, where the sweep prints a line per job instead."""
     validate(cfg)
     started = time.perf_counter()
     rank_zero = rank_zero_only.rank == 0  # Lightning's DDP ranks > 0 run this too
@@ -171,11 +173,13 @@ def train(cfg: DictConfig, run_dir: Path, sweep: SweepJob | None = None) -> dict
     stop = GracefulStop()
     checkpoints = RunCheckpoint(run_dir, cfg.checkpoint.every, stop,
                                 {"settings": settings, "wandb_id": run_id}, resume)
+    progress_bar = cfg.trainer.enable_progress_bar and sweep is None
     trainer = L.Trainer(
-        max_epochs=1, logger=loggers or False, callbacks=build_callbacks(cfg, checkpoints),
+        max_epochs=1, logger=loggers or False,
+        callbacks=build_callbacks(cfg, checkpoints, progress_bar),
         default_root_dir=run_dir, enable_model_summary=False, num_sanity_val_steps=0,
         enable_checkpointing=False, log_every_n_steps=1,
-        **trainer_arguments(cfg.trainer, module.policy))
+        **{**trainer_arguments(cfg.trainer, module.policy), "enable_progress_bar": progress_bar})
     # the handlers stay until the record is written: a forked job of a killed sweep gets
     # SIGTERM once per thread of its dying parent (Linux reparents it to each in turn), and
     # a second one after fit must not end the process before summary.json exists
