@@ -9,7 +9,10 @@ from klsweep import _lean_imports
 _lean_imports.install()
 
 import gc
+import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +49,13 @@ _MAX_GRID_CHECK = 256
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> dict[str, Any]:
+    from klsweep.swept import sweep_job
     from klsweep.train import train
 
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:  # the sweeper records a trial's failure
-        return train(cfg, Path(hydra_cfg.runtime.output_dir), group=Path(hydra_cfg.sweep.dir).name)
+        with console_left_to_sweep(hydra_cfg):
+            return train(cfg, Path(hydra_cfg.runtime.output_dir), sweep=sweep_job(hydra_cfg))
     try:
         return train(cfg, Path(hydra_cfg.runtime.output_dir))
     except ConfigError as err:  # resume=... that cannot be resumed: nothing was written
@@ -58,6 +63,30 @@ def hydra_main(cfg: DictConfig) -> dict[str, Any]:
         sys.exit(2)
     except RunFailed as err:  # its summary line, reason included, is already printed
         sys.exit(err.exit_code)
+
+
+# klsweep's sweeper and launcher print a line for each job that starts and ends
+_REPORTING_PLUGINS = ("hydra_plugins.klsweep_optuna.", "hydra_plugins.klsweep_local.")
+
+
+@contextmanager
+def console_left_to_sweep(hydra_cfg: DictConfig) -> Iterator[None]:
+    """A job whose sweep prints its events keeps its own INFO lines (its summary line) to its
+    log file, so that jobs running at once do not write over the sweep's lines; its warnings
+    and errors still reach the console. Restored after the job, for a launcher that runs
+    jobs in the sweep's own process."""
+    targets = (hydra_cfg.sweeper.get("_target_") or "", hydra_cfg.launcher.get("_target_") or "")
+    consoles = [] if not any(t.startswith(_REPORTING_PLUGINS) for t in targets) else [
+        h for h in logging.getLogger().handlers
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    levels = [handler.level for handler in consoles]
+    for handler in consoles:
+        handler.setLevel(max(handler.level, logging.WARNING))
+    try:
+        yield
+    finally:
+        for handler, level in zip(consoles, levels, strict=True):
+            handler.setLevel(level)
 
 
 def precheck(args: list[str]) -> None:
