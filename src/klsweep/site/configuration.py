@@ -90,6 +90,12 @@ def node_section(prefix: str, schema: type, values: Any, notes: dict[str, str],
     return [*table(HEADER, rows), *nested]
 
 
+def _package(path: Path, group: str) -> str:
+    """The node a choice's YAML fills (Hydra's ``# @package`` line; default: the group's)."""
+    first = path.read_text().splitlines()[0]
+    return first.split("@package", 1)[1].strip() if "@package" in first else group
+
+
 def _groups(conf_dir: Path) -> list[str]:
     chosen = {entry_key: entry_value for entry in OmegaConf.load(conf_dir / "config.yaml").defaults
               if isinstance(entry, dict) or hasattr(entry, "items")
@@ -98,11 +104,13 @@ def _groups(conf_dir: Path) -> list[str]:
     for group, choices in config_groups(conf_dir).items():
         default = chosen.get(group)
         shown = ", ".join(f"**{code(c)}**" if c == default else code(c) for c in choices)
-        link = f"[{group}](#{group})"
-        rows.append([link, shown, code(default) if default else "`null`"])
+        package = _package(conf_dir / group / f"{choices[0]}.yaml", group)
+        fills = "keys of other nodes" if package == "_global_" else f"`{package}.*`"
+        rows.append([f"[{group}](#{group})", shown, code(default), fills])
     return ["## Config groups", "",
-            "Pick a choice with `group=choice` on the command line; the default is in bold.", "",
-            *table(("group", "choices", "default"), rows)]
+            "Pick a choice with `group=choice` on the command line; the default is in bold "
+            "(`null`: none is chosen).", "",
+            *table(("group", "choices", "default", "sets"), rows)]
 
 
 def _run_nodes(conf_dir: Path) -> list[str]:
