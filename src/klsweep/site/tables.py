@@ -14,10 +14,11 @@ WIDE = ["---", "hide:", "  - navigation", "---", ""]
 
 def cell(text: Any) -> str:
     """Plain ``text`` as one table cell: a pipe would end the cell, a newline the row,
-    ``<seed>`` would be an HTML tag and ``[a] [b]`` a reference link."""
+    ``<seed>`` would be an HTML tag, ``[a] [b]`` a reference link and ``{_target_: …}`` or
+    ``*/final`` emphasis."""
     parts = str(text).split("`")
     parts[::2] = [p.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-                  .replace("[", "\\[")
+                  .replace("[", "\\[").replace("_", "\\_").replace("*", "\\*")
                   for p in parts[::2]]  # outside code spans, which show their text as it is
     return "`".join(parts).replace("|", "\\|").replace("\n", " ")
 
