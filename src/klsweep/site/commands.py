@@ -11,10 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from klsweep.config import CONF_DIR
+from klsweep.site.tables import WIDE
 
 REPO = CONF_DIR.parent
 SRC = Path(__file__).resolve().parents[1]
-HELP_WIDTH = "96"
+HELP_WIDTH = "88"  # the columns argparse wraps at: a help line fits the page unscrolled
 
 
 def _help(main: Callable[[list[str]], object], argv: list[str]) -> str:
@@ -68,7 +69,7 @@ def command_line_page() -> str:
     from klsweep.report import cli as report
     from klsweep.rewards import main as rewards
 
-    lines = ["# Command-line reference", "",
+    lines = [*WIDE, "# Command-line reference", "",
              "Generated from each command's own help. Every `python -m klsweep` and "
              "`python -m klsweep.audit` option is a config key: see the "
              "[configuration reference](configuration.md).", "",
