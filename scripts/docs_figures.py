@@ -93,11 +93,12 @@ def make(name: str, workdir: Path) -> None:
     figures = FIGURES[name]
     sweep = ["-m", "klsweep", *figures.sweep, "logger=none"]
     report = ["-m", "klsweep.report", figures.sweep_dir]
+    ran = provenance()  # the code the sweep runs, before anything can change the tree
     run(sweep, workdir)
     run(report, workdir)
     print(f"  done (load {os.getloadavg()[0]:.1f})")
     lines = [f"python {shlex.join(sweep)}", f"python {shlex.join(report)}",
-             f"{provenance()}; rerun: python scripts/docs_figures.py {name}"]
+             f"{ran}; rerun: python scripts/docs_figures.py {name}"]
     for produced, shown in figures.files.items():
         stamp(workdir / figures.sweep_dir / produced, OUT / shown, lines)
         print(f"  wrote {OUT / shown}")
