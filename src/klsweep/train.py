@@ -32,6 +32,7 @@ from klsweep.checkpoint import (
 from klsweep.config import build_schedule, settle, validate
 from klsweep.engines import build_engine
 from klsweep.errors import RunFailed
+from klsweep.metrics import check_summary
 from klsweep.models import build_models, export_policy, load_tokenizer
 from klsweep.module import KLPolicyModule
 from klsweep.policy import KLConfig, PolicyPair
@@ -236,6 +237,7 @@ def train(cfg: DictConfig, run_dir: Path, sweep: SweepJob | None = None) -> dict
             "swept": sweep.values if sweep else {},
             "run_dir": str(run_dir), "versions": versions(),
         }
+        check_summary(summary)
         for logger in loggers:
             if isinstance(logger, WandbLogger):
                 logger.experiment.summary.update(
