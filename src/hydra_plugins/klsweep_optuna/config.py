@@ -37,7 +37,8 @@ class KLSweepOptunaConf:
     # COMPLETE or PRUNED trials the study ends with (a resumed study counts its old ones)
     n_trials: int = 20
     # trials asked and launched per batch (joblib, klsweep_local and submitit run a batch at
-    # once); null: as many as the launcher runs at once (klsweep_local's n_jobs), else 1
+    # once); null: as many as the launcher runs at once (klsweep_local's n_jobs,
+    # submitit_slurm's array_parallelism), else 1
     n_jobs: int | None = None
     # name: tpe (Optuna's default) | random | nsgaii | gp | cmaes | grid; seed; any other key is
     # passed to the Optuna sampler's constructor
