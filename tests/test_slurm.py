@@ -10,9 +10,11 @@ one-node cluster lets a requeued job start again after 5 s (``cred_expire``, see
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from hydra_plugins.klsweep_optuna._search_space import override_string
 from klsweep.records import read_metrics
 from tests.slurm_cluster import SLURM_ENV, needs_cluster
 from tests.test_resume import assert_same_run
@@ -39,6 +42,7 @@ DDP_RUN = ["steps=40", "algo.prompts_per_step=2", "algo.group_size=2", "checkpoi
            "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
            "trainer.precision=32-true", *QUIET]
 TIMEOUT_S = 600
+POSTGRES_URL = os.environ.get("KLSWEEP_TEST_POSTGRES_URL")
 
 
 def environment() -> dict[str, str]:
@@ -131,6 +135,24 @@ def test_a_sweeps_trials_run_as_one_slurm_job_array_with_the_local_launchers_num
     assert "#SBATCH --array=0-3%2" in script  # two at a time
     for trial, twin_trial in zip(trials, study(twin), strict=True):
         assert_twins(trial, twin_trial)
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(not POSTGRES_URL, reason="KLSWEEP_TEST_POSTGRES_URL is not set: no "
+                    "PostgreSQL server to share a study (.ci/run starts one)")
+def test_trials_in_slurm_jobs_share_a_study_in_postgres(twin, tmp_path):
+    name = f"slurm-{uuid.uuid4().hex[:8]}"
+    result = klsweep("-m", *STUDY, *SLURM, "hydra.sweeper.n_trials=2",
+                     override_string("hydra.sweeper.storage", POSTGRES_URL),
+                     f"hydra.sweeper.study_name={name}", f"hydra.sweep.dir={tmp_path}")
+    try:
+        assert result.returncode == 0, result.stderr
+        trials = optuna.load_study(study_name=name, storage=POSTGRES_URL).trials
+        assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+        for trial, twin_trial in zip(trials, study(twin)[:2], strict=True):
+            assert_twins(trial, twin_trial)
+    finally:
+        optuna.delete_study(study_name=name, storage=POSTGRES_URL)
 
 
 def test_a_trial_requeued_mid_run_resumes_and_ends_complete_once_with_its_twins_numbers(
