@@ -36,11 +36,12 @@ running() {
 }
 
 stop_cluster() {
-    local name pid
+    local name pid pids=()
     for name in slurmd slurmctld munged; do
-        [ -f "$dir/$name.pid" ] || continue
-        pid=$(cat "$dir/$name.pid" 2>/dev/null)
-        [ -n "$pid" ] && kill "$pid" 2>/dev/null
+        pid=$(cat "$dir/$name.pid" 2>/dev/null) && [ -n "$pid" ] || continue
+        kill "$pid" 2>/dev/null && pids+=("$pid")
+    done
+    for pid in "${pids[@]}"; do  # all asked at once; each given 5 s before it is killed
         for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         kill -9 "$pid" 2>/dev/null
     done
