@@ -97,7 +97,8 @@ class OptunaSweep:
         check_params(self.space, self.config, self.config_loader)
         self.n_trials = s.n_trials if self.grid is None else min(s.n_trials, len(self.grid))
         self.max_failures = s.max_failures or s.n_trials
-        at_once = getattr(self.launcher, "n_jobs", None)  # klsweep_local's, resolved
+        # klsweep_local's n_jobs, resolved; submitit_slurm's array_parallelism
+        at_once = getattr(self.launcher, "n_jobs", None)
         self.batch_size = s.n_jobs or (at_once if isinstance(at_once, int) and at_once > 0 else 1)
         self.sweep_dir = Path(self.config.hydra.sweep.dir).resolve()
         self.storage_url: StorageURL = study_storage(

@@ -53,7 +53,7 @@ class KLSweepOptunaConf:
                                     "study counts its old ones)")
     n_jobs: int | None = option(
         None, help="trials asked and launched per batch; null: as many as the launcher runs at "
-                   "once (klsweep_local's n_jobs), else 1")
+                   "once (klsweep_local's n_jobs, submitit_slurm's array_parallelism), else 1")
     sampler: dict[str, Any] = option(
         factory=lambda: {"name": "tpe", "seed": None},
         help="name: tpe (Optuna's default) | random | nsgaii | gp | cmaes | grid; seed; any "
@@ -68,7 +68,8 @@ class KLSweepOptunaConf:
         None, help="null: sqlite:///<sweep dir>/optuna.db; any Optuna storage URL without a "
                    "password (libpq finds PostgreSQL's in PGPASSFILE or ~/.pgpass); or env:NAME, "
                    "the URL in the environment variable NAME, which the sweeper and its trials "
-                   "read (keeps a password out of configs, overrides and logs)")
+                   "read (keeps a password out of configs, overrides and logs); ${oc.env:NAME} "
+                   "works too: trials then read KLSWEEP_STORAGE")
     study_name: str | None = option(None, help="null: the sweep dir's name")
     max_failures: int | None = option(None, help="FAIL trials after which the sweep stops; "
                                                  "null: n_trials")
