@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -201,7 +202,10 @@ def test_a_trial_warned_of_its_time_limit_is_requeued_by_submitit_and_resumes(tw
     assert trial.state == TrialState.COMPLETE
     log = next((tmp_path / ".submitit" / job).glob("*_log.out")).read_text()
     assert f"Requeued job {job} (2 remaining timeouts)" in log  # submitit's path, its count
-    assert "interrupted by SIGUSR2 after step" in log  # with the run's own checkpoint
+    assert "klsweep: SIGUSR2: stopping after this step, with a checkpoint" in log
+    # a sweep's trial keeps its summary line to its own log (the sweep prints its events)
+    run_log = (run_dir / "__main__.log").read_text()
+    assert re.search(r"interrupted after \d+/150 steps", run_log), run_log
     assert summary(run_dir)["resumed_from_step"] >= 10
     assert_twins(trial, study(twin)[0])
 
