@@ -199,7 +199,8 @@ def test_the_command_writes_the_table_the_figure_and_a_wandb_table_and_the_repor
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     audit_dir = tmp_path / "audit"
     args = [a for a in SMALL if a != "logger=none"] + [
-        "audit.staleness=2", "audit.samples=64", "audit.groups=4", f"hydra.run.dir={audit_dir}"]
+        "audit.staleness=2", "audit.refused=true", "audit.samples=64", "audit.groups=4",
+        f"hydra.run.dir={audit_dir}"]
     result = subprocess.run([sys.executable, "-m", "klsweep.audit", *args], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -207,7 +208,9 @@ def test_the_command_writes_the_table_the_figure_and_a_wandb_table_and_the_repor
     assert record["staleness"] == 2 and record["method"] == "enumeration"
     assert (audit_dir / "audit.png").stat().st_size > 0
     table = (audit_dir / "audit.md").read_text()
-    assert ("| k3 | loss | estimator | true | token | reverse_kl_myopic | true | forward_kl |"
+    # off-policy the token's ratio follows no KL and is refused, the sequence's follows one
+    assert "| k3 | loss | estimator | true | token | none | false | forward_kl |" in table
+    assert ("| k3 | loss | estimator | sequence | token | reverse_kl_myopic | true | forward_kl |"
             in table)
     assert list(audit_dir.glob("wandb/offline-run-*/files/media/table/audit_*.table.json"))
 

@@ -56,6 +56,9 @@ class TrainerConfig:
     accelerator: str = spec(kind="choice", choices=("auto", "cpu", "gpu", "cuda", "mps"),
                             help="Lightning accelerator")
     devices: int = spec(kind="integer", ge=-1, help="devices (-1: all)")
+    num_nodes: int = spec(kind="integer", ge=1,
+                          help="machines the run spans (several: launched by srun, one task "
+                               "per device)")
     precision: str = spec(kind="choice", choices=(
         "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
         help="Lightning precision")

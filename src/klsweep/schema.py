@@ -95,12 +95,12 @@ def check_node(prefix: str, node: Any, schema: type) -> None:
                 raise ConfigError(f"{prefix}.{f.name} is missing")
             continue
         check_value(f"{prefix}.{f.name}", node[f.name], dict(f.metadata))
-        inner = _dataclass_type(schema, f.type)
+        inner = dataclass_type(schema, f.type)
         if inner is not None:
             check_node(f"{prefix}.{f.name}", node[f.name], inner)
 
 
-def _dataclass_type(schema: type, annotation: Any) -> type | None:
+def dataclass_type(schema: type, annotation: Any) -> type | None:
     """The dataclass a field's annotation names (a string under ``from __future__ import
     annotations``, looked up where ``schema`` is defined); None for any other type."""
     if isinstance(annotation, str):

@@ -49,10 +49,14 @@ class Form:
         if self.gradient != "estimator":
             parts.append(f"kl.gradient={self.gradient}")
         if self.placement == "loss":
-            shown = self.is_correction
-            shown = str(shown).lower() if isinstance(shown, bool) else shown
-            parts.append(f"kl.is_correction={shown}")
+            parts.append(f"kl.is_correction={spelled(self.is_correction)}")
         return " ".join(parts) + f" in the {self.placement}"
+
+
+def spelled(is_correction: bool | str) -> str:
+    """``kl.is_correction`` as typed on the command line (true, false, sequence): one type for
+    a column that holds all three, as a W&B table needs."""
+    return str(is_correction).lower() if isinstance(is_correction, bool) else is_correction
 
 
 class Follows(NamedTuple):
