@@ -5,8 +5,10 @@ downloaded), and runs GRPO and DPO steps through the real module in bf16, with f
 fine-tuning and with LoRA. Prints, per run: generated tokens/s (GRPO) or pairs/s (DPO), the
 median step time and its phases (sampling, reference pass, policy pass), peak GPU memory,
 the training passes' fraction of the GPU's bf16 peak and decoding's fraction of the HBM
-bandwidth bound at the batch used. Last, generated tokens/s of the rollout engines (native
-and, where installed, vLLM) on the same model and batch.
+bandwidth bound at the batch used. Then generated tokens/s of the rollout engines (native
+and, where installed, vLLM) on the same model and batch. Last, the GRPO training loop's
+tokens/s at each ``--lags`` value of ``rollout.lag`` on each engine, each in its own
+process (``python -m klsweep.bench --lag``), with the share of generation the lag hid.
 
     python scripts/gpu_check.py                    # on a CUDA machine
     python scripts/gpu_check.py --small --device cpu --steps 2   # a smoke test anywhere
@@ -138,6 +140,8 @@ def main() -> None:
     parser.add_argument("--hbm-tbs", type=float, default=4.8)
     parser.add_argument("--engines", nargs="*", default=["native", "vllm"],
                         help="rollout engines compared in generated tokens/s (vllm: if installed)")
+    parser.add_argument("--lags", type=int, nargs="*", default=[0, 1, 2],
+                        help="rollout.lag values whose training loops are compared")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     for name in ("lightning.pytorch", "lightning.fabric", "transformers"):
@@ -149,6 +153,9 @@ def main() -> None:
             for lora in (False, True):
                 print(json.dumps(run(algo, lora, model_dir, args)), flush=True)
         print(json.dumps(compare_engines(model_dir, args)), flush=True)
+        if args.lags:
+            for row in compare_lags(model_dir, args):
+                print(json.dumps(row), flush=True)
 
 
 def compare_engines(model_dir: str, args: argparse.Namespace) -> dict:
@@ -166,6 +173,32 @@ def compare_engines(model_dir: str, args: argparse.Namespace) -> dict:
     return {"check": "engines", "batch": f"{args.prompts}x{args.group}x{args.new_tokens}",
             "tokens_per_s": result["median_tokens_per_s"],
             "skipped": sorted(set(args.engines) - set(engines))}
+
+
+def compare_lags(model_dir: str, args: argparse.Namespace) -> list[dict]:
+    """Per engine (vLLM where installed): the GRPO loop's generated tokens/s, step, and the
+    share of generation hidden behind training at each ``--lags`` value, on this model and
+    batch (``klsweep.bench.lag``)."""
+    import importlib.util
+
+    from klsweep.bench.lag import compare
+
+    out = []
+    for engine in args.engines:
+        if engine == "vllm" and importlib.util.find_spec("vllm") is None:
+            out.append({"check": "lag", "engine": engine, "skipped": "vLLM is not installed"})
+            continue
+        child = ["--steps", str(args.steps), "--warmup", str(args.warmup),
+                 "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
+                 "model=hf", f"model.name={model_dir}", f"rollout.engine={engine}",
+                 f"algo.prompts_per_step={args.prompts}", f"algo.group_size={args.group}",
+                 f"model.dtype={'bfloat16' if args.device == 'cuda' else 'float32'}"]
+        result = compare(args.lags, rounds=1, threads=1, sync_threads=None, args=child)
+        out.append({"check": "lag", "engine": engine, "tokens_per_step":
+                    result["tokens_per_step"],
+                    **{name: {k: row[k] for k in ("tokens_per_s", "step_ms", "hidden")}
+                       for name, row in result["rows"].items()}})
+    return out
 
 
 if __name__ == "__main__":

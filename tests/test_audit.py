@@ -85,9 +85,10 @@ def test_k3_with_the_importance_correction_is_k2_in_the_loss(enumerated):
 
 def test_every_combination_training_accepts_has_a_row_per_target(enumerated):
     # reward: 5 estimators; loss: 5 × (kl.gradient, kl.is_correction) in (estimator, false),
-    # (estimator, true), (k2, false), and (k2, true) on full only, less k2 with the
-    # correction (training refuses both double corrections); × 2 units × 3 targets
-    assert len(enumerated) == (5 + 15) * 2 * 3
+    # (estimator, true), (estimator, sequence), (k2, false), and (k2, true or sequence) on
+    # full only, less k2 with either correction (training refuses both double corrections);
+    # × 2 units × 3 targets
+    assert len(enumerated) == (5 + 20) * 2 * 3
     assert not any(c and (g == "k2" or e == "k2") and e != "full"
                    for (e, p, g, c, _, _) in enumerated)
     token, sequence = (row(enumerated, "k3", "loss", "forward_kl", unit=u) for u in
@@ -109,6 +110,45 @@ def test_the_table_of_forms_is_what_the_audit_measures_for_every_form(every_form
         elif r["follows"] == "none":
             assert r["rel_bias"] > 100 * EXACT, key
     assert {r["accepted"] for r in every_form.values()} == {True, False}
+
+
+def test_on_policy_the_sequence_s_ratio_is_the_token_s(every_form):
+    # the ratio of the prefix before each token is 1 in value and carries no gradient
+    for key, r in every_form.items():
+        estimator, placement, gradient, correction, unit, target = key
+        if correction == forms.SEQUENCE:
+            token = every_form[(estimator, placement, gradient, True, unit, target)]
+            assert r["rel_bias"] == pytest.approx(token["rel_bias"], abs=EXACT), key
+
+
+@pytest.fixture(scope="module")
+def stale_forms():
+    """Every form at π two optimiser steps from the π_old that sampled (as at rollout.lag=2);
+    the variance is not checked here, so few groups."""
+    return rows_of("audit.refused=true", "audit.staleness=2", "audit.samples=64",
+                   "audit.groups=4")
+
+
+def test_off_policy_the_table_of_forms_is_what_the_audit_measures_for_every_form(stale_forms):
+    # the off-policy entries of the same table: only the sequence's ratio keeps a term on a
+    # reverse-KL gradient, exactly; the token's ratio leaves the prefixes' shift (far from
+    # every target, as everything else); and training at rollout.lag > 0 accepts just those
+    assert {(r["estimator"], r["placement"], r["gradient"], r["is_correction"])
+            for r in stale_forms.values()} == {
+        (f.estimator, f.placement, f.gradient, f.is_correction) for f in forms.FOLLOWS}
+    followed = set()
+    for key, r in stale_forms.items():
+        if r["follows"] == r["target"]:
+            assert r["rel_bias"] <= TABLE and r["cosine"] == pytest.approx(1.0, abs=TABLE), key
+            followed.add(key[:4])
+        elif r["follows"] == "none":
+            assert r["rel_bias"] > 100 * EXACT, key
+        assert r["accepted"] == (r["follows"] != "none"), key
+    assert followed == {(e, "loss", g, forms.SEQUENCE) for e, g in
+                        (("k1", "estimator"), ("k3", "estimator"), ("full", "estimator"),
+                         ("full", "k2"))}
+    k3_token = row(stale_forms, "k3", "loss", "reverse_kl_myopic", correction=True)
+    assert k3_token["follows"] == "none" and k3_token["rel_bias"] < 0.1  # the residual
 
 
 @pytest.mark.parametrize("estimator, corrected", [
@@ -159,7 +199,8 @@ def test_the_command_writes_the_table_the_figure_and_a_wandb_table_and_the_repor
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     audit_dir = tmp_path / "audit"
     args = [a for a in SMALL if a != "logger=none"] + [
-        "audit.staleness=2", "audit.samples=64", "audit.groups=4", f"hydra.run.dir={audit_dir}"]
+        "audit.staleness=2", "audit.refused=true", "audit.samples=64", "audit.groups=4",
+        f"hydra.run.dir={audit_dir}"]
     result = subprocess.run([sys.executable, "-m", "klsweep.audit", *args], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -167,7 +208,9 @@ def test_the_command_writes_the_table_the_figure_and_a_wandb_table_and_the_repor
     assert record["staleness"] == 2 and record["method"] == "enumeration"
     assert (audit_dir / "audit.png").stat().st_size > 0
     table = (audit_dir / "audit.md").read_text()
-    assert ("| k3 | loss | estimator | true | token | reverse_kl_myopic | true | forward_kl |"
+    # off-policy the token's ratio follows no KL and is refused, the sequence's follows one
+    assert "| k3 | loss | estimator | true | token | none | false | forward_kl |" in table
+    assert ("| k3 | loss | estimator | sequence | token | reverse_kl_myopic | true | forward_kl |"
             in table)
     assert list(audit_dir.glob("wandb/offline-run-*/files/media/table/audit_*.table.json"))
 

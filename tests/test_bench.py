@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
-from klsweep.bench import cli, engines, flops, roofline, timing
+from klsweep.bench import cli, engines, flops, lag, roofline, timing
 from tests.hf_fixtures import save_tiny_model
 
 
@@ -150,3 +150,20 @@ def test_each_engine_measurement_runs_in_its_own_process_with_the_load_recorded(
     # the median of two runs is their mean
     assert record["median_tokens_per_s"]["native"] == pytest.approx(
         (runs[0]["tokens_per_s"] + runs[1]["tokens_per_s"]) / 2)
+
+
+def test_a_lag_comparison_measures_each_lag_in_its_own_process_with_the_overlap(capsys):
+    # the synchronous loop's generation is all on the step (none hidden); at a lag the engine
+    # process generates while the trainer trains, and the trainer waits for what is left
+    assert [lag.order([0, 1, 2], r) for r in range(2)] == [[0, 1, 2], [2, 1, 0]]
+    cli.main(["--lag", "0", "1", "--rounds", "1", "--steps", "2", "--warmup", "1", "--json",
+              *SMALL["grpo"]])
+    result = json.loads(capsys.readouterr().out)
+    assert list(result["rows"]) == ["lag 0", "lag 1"] and result["engine"] == "native"
+    synchronous, lagged = result["rows"]["lag 0"], result["rows"]["lag 1"]
+    assert synchronous["hidden"] == 0 and synchronous["wait_ms"] == synchronous["generate_ms"]
+    assert 0 <= lagged["hidden"] <= 1 and lagged["generate_ms"] > 0
+    assert [r["rollout"]["lag"] for r in result["runs"]["lag 1"]] == [1]
+    for row in result["rows"].values():
+        assert row["tokens_per_s"] > 0 and len(row["load_before"]) == len(row["cpu_per_s"]) == 1
+    assert "| lag 1 |" in lag.table(result)

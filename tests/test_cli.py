@@ -24,7 +24,8 @@ from tests.conftest import TINY, assert_refused_in_one_line, run_klsweep
     ("kl.placement=value", "kl.placement must be one of reward, loss, none (got 'value')"),
     ("kl.bta=0.1", "kl.bta is not a known key (allowed under kl: beta, target"),
     ("optim.lr=fast", "optim.lr must be a number > 0 (got 'fast')"),
-    ("kl.is_correction=yes", "kl.is_correction must be one of auto, true, false (got 'yes')"),
+    ("kl.is_correction=yes",
+     "kl.is_correction must be one of auto, true, false, sequence (got 'yes')"),
 ])
 def test_bad_input_fails_in_one_line_before_anything_is_written(
         override, message, tmp_path, monkeypatch, capsys):

@@ -14,7 +14,8 @@ def test_the_gpu_check_script_runs_grpo_and_dpo_with_full_fine_tuning_and_lora()
     result = subprocess.run(
         [sys.executable, "scripts/gpu_check.py", "--small", "--device", "cpu", "--steps", "1",
          "--warmup", "1", "--prompts", "2", "--group", "2", "--pairs", "2", "--prompt-len", "4",
-         "--new-tokens", "4"], cwd=REPO, capture_output=True, text=True, timeout=300)
+         "--new-tokens", "4", "--lags", "0", "1"], cwd=REPO, capture_output=True, text=True,
+        timeout=600)
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     rows = [r for r in lines if "algo" in r]
@@ -25,3 +26,7 @@ def test_the_gpu_check_script_runs_grpo_and_dpo_with_full_fine_tuning_and_lora()
     assert engines["tokens_per_s"]["native"] > 0
     assert set(engines["tokens_per_s"]) | set(engines.get("skipped", [])) == {"native", "vllm"}
     assert all(r["step_ms"] > 0 for r in rows)
+    # and the training loop synchronous against a lag of one step, per engine
+    lags = {r["engine"]: r for r in lines if r.get("check") == "lag"}
+    assert set(lags) == {"native", "vllm"}
+    assert lags["native"]["lag 0"]["hidden"] == 0 and lags["native"]["lag 1"]["tokens_per_s"] > 0

@@ -67,12 +67,13 @@ def run_here(run_dir: Path, overrides: list[str]) -> dict:
     return train(cfg, run_dir)
 
 
-def start(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
+def start(run_dir: Path, overrides: list[str], stdout: int = subprocess.DEVNULL
+          ) -> subprocess.Popen:
     """The real command, in the background."""
     env = {**os.environ, "WANDB_MODE": "offline"}
     args = [f"{key}={value}" for key, value in quiet(overrides).items()]
     return subprocess.Popen([sys.executable, "-m", "klsweep", *args, f"hydra.run.dir={run_dir}"],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            cwd=REPO, env=env, stdout=stdout, stderr=subprocess.PIPE,
                             text=True)
 
 

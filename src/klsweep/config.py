@@ -15,10 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from klsweep.algos import ALGORITHMS
 from klsweep.engines import ENGINES, check_engine
+from klsweep.engines.correction import AUTO, MODES, resolve
 from klsweep.kl import SCHEDULES
 from klsweep.kl.schedules import _accepted_arguments
 from klsweep.models import MODELS
-from klsweep.policy import KLConfig
+from klsweep.policy import KLConfig, kl_settings
 from klsweep.schema import ConfigError, check_nodes, describe, from_node, spec
 from klsweep.tasks import TASKS
 
@@ -94,11 +95,19 @@ class RolloutConfig:
     temperature: float = spec(kind="number", gt=0,
                               help="sampling temperature; log-probs and KL use the same")
     engine: str = spec(kind="choice", choices=ENGINES,
-                       help="native: klsweep's decoding loop | vllm: a colocated vLLM engine")
+                       help="native: klsweep's decoding loop | vllm: a vLLM engine")
+    lag: int = spec(kind="integer", ge=0,
+                    help="steps the sampling weights lag the trainer's; > 0: the engine in its "
+                         "own process, sampling while the trainer trains")
+    threads: int = spec(kind="integer", ge=1, help="CPU threads of the engine's process (lag > 0)")
     sync_every: int = spec(kind="integer", ge=1,
                            help="rollouts between weight syncs into the engine")
+    correction: str = spec(kind="choice", choices=(AUTO, *MODES),
+                           help="importance weights on the policy-gradient term (TRL's names; "
+                                "decoupled: AReaL's); auto: token_truncate with a cap or a lag")
     tis_cap: float | None = spec(kind="number", gt=0, optional=True,
-                                 help="truncated importance sampling cap; null: off")
+                                 help="the cap C of rollout.correction's weights; null: off "
+                                      "under auto at lag 0, else 2")
     gpu_memory_utilization: float = spec(kind="number", gt=0, le=1,
                                          help="vllm: share of GPU memory for the engine")
     kv_cache_gib: float | None = spec(kind="number", gt=0, optional=True,
@@ -233,9 +242,12 @@ def validate(cfg: DictConfig) -> None:
 
 def settle(cfg: DictConfig) -> DictConfig:
     """Write into a validated ``cfg`` the value that each ``auto`` stands for
-    (``kl.is_correction``, which the audit's table decides: ``KLConfig``), so that --help, the
-    record and W&B show what runs."""
-    cfg.kl.is_correction = from_node(KLConfig, cfg.kl).is_correction
+    (``kl.is_correction``, which the audit's table decides, off-policy at ``rollout.lag`` > 0:
+    ``kl_settings``; ``rollout.correction`` and its cap), so that --help, the record and W&B
+    show what runs."""
+    cfg.kl.is_correction = kl_settings(cfg.kl, cfg.rollout.lag).is_correction
+    cfg.rollout.correction, cfg.rollout.tis_cap = resolve(cfg.rollout.correction,
+                                                          cfg.rollout.tis_cap, cfg.rollout.lag)
     return cfg
 
 

@@ -140,10 +140,26 @@ step("dpo/pairs", "count", "preference pairs in the step", DPO)
 step("dpo/fresh_eval", "0 or 1", "1 when kl/* and reward/* were measured this step (every "
      "algo.eval_every steps offline), 0 when the last measurement is carried", DPO)
 # --- the rollout engine -------------------------------------------------------------------------
-VLLM = "rollout.engine=vllm: every step"
+VLLM = "rollout.engine=vllm or rollout.lag > 0: every step"
 step("rollout/mismatch_k3", NATS_TOKEN, "KL(π_engine‖π_train) by k3 on the sampled tokens, "
-     "mean per token: how far off-policy the engine's samples are", VLLM)
+     "mean per token: how far off-policy the engine's samples are (its kernels, its lag)", VLLM)
 step("rollout/mismatch_max", "nats", "the largest |log π_engine − log π_train|", VLLM)
+CORRECTED = "a rollout.correction other than none on an engine's samples: every step"
+step("rollout/is_mean", "weight", "the policy-gradient term's importance weight "
+     "(rollout.correction), mean per completion token", CORRECTED)
+step("rollout/is_max", "ratio", "the largest importance ratio before the cap", CORRECTED)
+step("rollout/is_cut", FRACTION, "completion tokens whose weight was truncated or masked",
+     CORRECTED)
+LAGGED = "rollout.lag > 0: every step"
+step("rollout/lag", "steps", "optimiser steps between the weights that sampled the step's "
+     "rollout and the trainer's (below rollout.lag in the first steps)", LAGGED)
+step("perf/trainer_busy_s", "s", "the trainer's time from the last rollout it took to asking "
+     "for this one: training, logging", LAGGED)
+step("perf/trainer_idle_s", "s", "the trainer's wait for this step's rollout", LAGGED)
+step("perf/engine_busy_s", "s", "the engine process's sampling time since the last step",
+     LAGGED)
+step("perf/engine_idle_s", "s", "the engine process's wait for work since the last step",
+     LAGGED)
 # --- speed ---------------------------------------------------------------------------------------
 step("perf/tokens", "tokens", "completion tokens the step generated")
 step("perf/samples", "count", "completions the KL and reward were measured on (DPO: 0 when "

@@ -98,9 +98,12 @@ class KLPolicyModule(L.LightningModule):
             self._sharded = True
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
-        self.stream = PromptStream(self.task, self.algo.prompts_per_step(), self.steps,
-                                   self.seed + 1000 * self.global_rank, start=self.step_count,
-                                   state=self._restored.pop("stream", None))
+        state = self._restored.pop("stream", None)
+        args = (self.task, self.algo.prompts_per_step(), self.steps,
+                self.seed + 1000 * self.global_rank)
+        self.stream = PromptStream(*args, start=self.step_count, state=state)
+        # an engine that samples ahead (rollout.lag) reads the same prompts from its own copy
+        self.pair.look_ahead(iter(PromptStream(*args, start=self.step_count, state=state)))
         return torch.utils.data.DataLoader(self.stream, batch_size=None)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -234,14 +237,15 @@ class KLPolicyModule(L.LightningModule):
 
     def checkpoint_state(self) -> dict[str, Any]:
         """What the ranks share: the trained tensors, the optimiser, the schedule, the step
-        count and the task's state. Every rank calls it: the strategy gathers the state, which
-        under FSDP is collective (the full state lands on rank 0, which writes it)."""
+        count, the task's state and the pair's (rollouts sampled ahead). Every rank calls it:
+        the strategy gathers the state, which under FSDP is collective (the full state lands
+        on rank 0, which writes it)."""
         strategy = self.trainer.strategy
         return {"state_dict": self.trained_state(strategy.lightning_module_state_dict()),
                 "optimizer_states": [strategy.optimizer_state(self.trainer.optimizers[0])],
                 "global_step": self.step_count,
                 "klsweep": {"step_count": self.step_count, "schedule": self.schedule.state_dict(),
-                            "task": self.task.state_dict()}}
+                            "task": self.task.state_dict(), "pair": self.pair.state_dict()}}
 
     def rank_state(self) -> dict[str, Any]:
         """What each rank holds for itself: its random states, its prompt stream's position
@@ -266,6 +270,7 @@ class KLPolicyModule(L.LightningModule):
                               f"({', '.join(extra[:3])})")
         self.schedule.load_state_dict(state["schedule"])
         self.task.load_state_dict(state["task"])
+        self.pair.load_state_dict(state.get("pair", {}))
         self.step_count = state["step_count"]
         mine = ranks[rank]
         self.algo.load_state_dict(mine["algorithm"])

@@ -8,13 +8,20 @@ No Lightning here: the pair is tested alone on CPU, and algorithms see only the 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from klsweep.engines import NativeEngine, RolloutEngine, mismatch_metrics, tis_weights
+from klsweep.engines import (
+    Correction,
+    NativeEngine,
+    PolicyGradientCorrection,
+    RolloutEngine,
+    mismatch_metrics,
+)
 from klsweep.kl import (
     DIVERGENCES,
     ESTIMATORS,
@@ -42,7 +49,7 @@ from klsweep.sharding import gathered
 PLACEMENTS = ("reward", "loss", "none")
 UNITS = ("token", "sequence")
 GRADIENTS = ("estimator", "k2")
-CORRECTIONS = (forms.AUTO, True, False)
+CORRECTIONS = (forms.AUTO, True, False, forms.SEQUENCE)
 
 
 @dataclass(frozen=True)
@@ -69,8 +76,9 @@ class KLConfig:
     gradient: str = spec(kind="choice", choices=GRADIENTS,
                          help="k2: the estimator's value with k2's gradient (verl's k3+)")
     is_correction: bool | str = spec(kind="choice", choices=CORRECTIONS,
-                                     help="loss-placed KL times π/π_old with its gradient; auto: "
-                                          "where it makes the term a reverse-KL gradient (k1, k3)")
+                                     help="loss-placed KL times π/π_old with its gradient (true: "
+                                          "the token's; sequence: up to the token); auto: where "
+                                          "it makes the term a reverse-KL gradient (k1, k3)")
     clamp: float = spec(kind="number", gt=0, help="log-ratio clamp before k2/k3")
     divergence: str = spec(kind="choice", choices=tuple(DIVERGENCES),
                            help="the regulariser D_f(π‖π_ref); reverse_kl: the KL")
@@ -93,10 +101,22 @@ class KLConfig:
     def check_run(cfg: Any) -> None:
         if cfg.kl.placement == "none":
             return  # nothing is penalised: the estimator only measures
+        lag = cfg.rollout.lag
         try:
-            make_divergence(cfg.kl.divergence, cfg.kl.alpha).check(from_node(KLConfig, cfg.kl))
+            make_divergence(cfg.kl.divergence, cfg.kl.alpha).check(kl_settings(cfg.kl, lag), lag)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+
+
+def kl_settings(node: Any, lag: int = 0) -> KLConfig:
+    """The ``kl`` node as a run at ``rollout.lag`` = ``lag`` trains with it: an ``auto``
+    correction is the audit table's choice off-policy where the rollouts are stale (lag > 0),
+    on-policy otherwise (as ``KLConfig`` alone takes it)."""
+    kl = from_node(KLConfig, node)
+    if lag > 0 and node["is_correction"] == forms.AUTO:
+        kl = replace(kl, is_correction=kl.divergence == "reverse_kl" and forms.default_correction(
+            kl.placement, kl.estimator, kl.gradient, off_policy=True))
+    return kl
 
 
 @dataclass
@@ -104,7 +124,9 @@ class Scored:
     """A rollout with the policy's and the reference's view of its completion tokens:
     logits [B, N, vocab] (temperature applied) and log-probs [B, N]. The policy's carry
     their gradient when the rollout was scored with one. ``features``: the policy's final
-    hidden states [B, N, C] from the same pass, without gradient, when asked for."""
+    hidden states [B, N, C] from the same pass, without gradient, when asked for.
+    ``behaviour_logp``: the sampling policy's log-probs where it is some steps behind the
+    policy (``rollout.lag`` > 0), None where the samples are the policy's."""
 
     rollout: Rollout
     logits: Tensor
@@ -112,15 +134,23 @@ class Scored:
     ref_logits: Tensor
     ref_logp: Tensor
     features: Tensor | None = None
+    behaviour_logp: Tensor | None = None
 
     @property
     def mask(self) -> Tensor:
         return self.rollout.mask
 
+    def kl_old_logp(self, old_logp: Tensor) -> Tensor:
+        """What the KL term's correction divides by (π_old): the policy that sampled, so that
+        the ratio moves its expectation from the samples' policy to π_θ; on-policy that is the
+        step's own ``old_logp``."""
+        return old_logp if self.behaviour_logp is None else self.behaviour_logp
+
     def rows(self, index: Tensor, group_size: int = 1) -> Scored:
         return Scored(self.rollout.rows(index, group_size), self.logits[index], self.logp[index],
                       self.ref_logits[index], self.ref_logp[index],
-                      None if self.features is None else self.features[index])
+                      None if self.features is None else self.features[index],
+                      None if self.behaviour_logp is None else self.behaviour_logp[index])
 
 
 @dataclass
@@ -162,7 +192,7 @@ class PolicyPair:
     def __init__(self, policy: CausalLM, reference: CausalLM, kl: KLConfig, *,
                  temperature: float, max_new_tokens: int, eos_id: int,
                  engine: RolloutEngine | None = None, sync_every: int = 1,
-                 tis_cap: float | None = None) -> None:
+                 correction: str = "none", cap: float | None = None, lag: int = 0) -> None:
         self.policy = policy
         self.reference = reference
         self.kl = kl
@@ -170,11 +200,13 @@ class PolicyPair:
         self.max_new_tokens = max_new_tokens
         self.eos_id = eos_id
         # what samples the policy's completions (rollout.engine), the rollouts between weight
-        # syncs into it, and the truncated importance sampling cap (None: off)
+        # syncs into it, how many steps its weights lag (rollout.lag), and the importance
+        # weights on the policy-gradient term for another sampler's samples (rollout.correction)
         self.engine = engine or NativeEngine(policy, temperature=temperature,
                                              max_new_tokens=max_new_tokens, eos_id=eos_id)
         self.sync_every = sync_every
-        self.tis_cap = tis_cap
+        self.lag = lag
+        self.correction = PolicyGradientCorrection(correction, cap, policy, temperature)
         self._rollouts = 0
         self.divergence = make_divergence(kl.divergence, kl.alpha)
         if kl.reference.sync_every > 0:
@@ -195,6 +227,22 @@ class PolicyPair:
             self.engine.load_weights(self.policy)
         self._rollouts += 1
         return self.engine.sample(prompts, n_per_prompt)
+
+    def look_ahead(self, prompts: Iterator[Prompts]) -> None:
+        """The prompts of the steps to come, for an engine that samples ahead (rollout.lag)."""
+        self.engine.look_ahead(prompts)
+
+    def close(self) -> None:
+        """End the engine's own process, if it has one."""
+        self.engine.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs beyond the models: the rollouts sampled ahead, π_prox."""
+        return {"engine": self.engine.state_dict(), "correction": self.correction.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.engine.load_state_dict(state.get("engine", {}))
+        self.correction.load_state_dict(state.get("correction", {}))
 
     def sample_reference(self, prompts: Prompts, n_per_prompt: int,
                          max_rows: int | None = None) -> Rollout:
@@ -249,19 +297,20 @@ class PolicyPair:
                 logits, logp, hidden = self.policy_logprobs_and_features(rollout)
             else:
                 (logits, logp), hidden = self.policy_logprobs(rollout), None
+        behaviour = None
         if rollout.engine_logp is not None:
             # sampled by another engine: π_old is the trainer's own view of the tokens (verl's
-            # recomputed old log-probs); the engine's serve the mismatch metrics and TIS
+            # recomputed old log-probs); the engine's serve the mismatch metrics and the
+            # correction, and with a lag are the behaviour policy's
             rollout = replace(rollout, old_logp=logp.detach() * rollout.mask)
-        return Scored(rollout, logits, logp, ref_logits, ref_logp, hidden)
+            behaviour = rollout.engine_logp if self.lag > 0 else None
+        return Scored(rollout, logits, logp, ref_logits, ref_logp, hidden, behaviour)
 
-    def tis_weights(self, scored: Scored) -> Tensor | None:
-        """Truncated importance weights [B, N] min(π_old/π_engine, rollout.tis_cap) for the
-        policy-gradient term; None when TIS is off or the trainer's model sampled."""
-        engine_logp = scored.rollout.engine_logp
-        if self.tis_cap is None or engine_logp is None:
-            return None
-        return tis_weights(scored.rollout.old_logp, engine_logp, self.tis_cap)
+    def pg_correction(self, scored: Scored) -> Correction:
+        """The importance weights [B, N] on the policy-gradient term (rollout.correction; the
+        KL term has its own, kl.is_correction), and for ``decoupled`` the proximal policy's
+        log-probs that the clip is taken against; nothing where the trainer's model sampled."""
+        return self.correction(scored.rollout, scored.rollout.old_logp)
 
     @torch.no_grad()
     def sync_reference(self) -> None:
@@ -321,6 +370,7 @@ class PolicyPair:
                                  else self._kl_to_initial(scored))
         if rollout.engine_logp is not None:  # the native engine's are the trainer's own
             metrics.update(mismatch_metrics(logp, rollout.engine_logp, mask))
+        metrics.update(self.engine.metrics())  # an engine sampling ahead: its lag and timing
         # the configured divergence is what β steers (the KL's: kl/mean's values, not again)
         values = self.divergence.values(logp, scored.ref_logp, mask, self.kl, logits,
                                         scored.ref_logits,

@@ -52,7 +52,9 @@ class Rollout:
     sampling policy (temperature applied). Rows come in consecutive groups of
     ``group_size`` that share one prompt; ``prompt_index`` [B] says which task prompt.
     ``engine_logp`` [B, N]: the sampling engine's own log-probs where the engine is not the
-    trainer's model (vLLM); the trainer's then replace ``old_logp`` when it scores them."""
+    trainer's model (vLLM, or any engine sampling ahead at ``rollout.lag`` > 0); the
+    trainer's then replace ``old_logp`` when it scores them. ``version``: the step whose
+    weights sampled it, where an engine samples ahead (None: the trainer's current ones)."""
 
     tokens: Tensor
     prompt_mask: Tensor
@@ -61,6 +63,7 @@ class Rollout:
     group_size: int = 1
     prompt_index: Tensor | None = None
     engine_logp: Tensor | None = None
+    version: int | None = None
 
     @property
     def prompt_len(self) -> int:
@@ -97,7 +100,8 @@ class Rollout:
                        mask=fn(self.mask), old_logp=fn(self.old_logp), group_size=group_size,
                        prompt_index=None if self.prompt_index is None
                        else fn(self.prompt_index),
-                       engine_logp=None if self.engine_logp is None else fn(self.engine_logp))
+                       engine_logp=None if self.engine_logp is None else fn(self.engine_logp),
+                       version=self.version)
 
     @staticmethod
     def cat(parts: list[Rollout]) -> Rollout:
@@ -110,7 +114,8 @@ class Rollout:
                        old_logp=torch.cat([p.old_logp for p in parts]),
                        group_size=parts[0].group_size,
                        prompt_index=None if any(i is None for i in index) else torch.cat(index),
-                       engine_logp=None if any(e is None for e in engine) else torch.cat(engine))
+                       engine_logp=None if any(e is None for e in engine) else torch.cat(engine),
+                       version=parts[0].version)
 
 
 # Decoding in chunks draws every step's random numbers first: max_new_tokens × vocab of them a

@@ -31,11 +31,12 @@ from klsweep.checkpoint import (
 )
 from klsweep.config import build_schedule, settle, validate
 from klsweep.engines import build_engine
+from klsweep.engines.correction import resolve
 from klsweep.errors import RunFailed
 from klsweep.metrics import check_summary
 from klsweep.models import build_models, export_policy, load_tokenizer
 from klsweep.module import KLPolicyModule
-from klsweep.policy import KLConfig, PolicyPair
+from klsweep.policy import PolicyPair, kl_settings
 from klsweep.progress import StepProgressBar
 from klsweep.records import (
     JsonlLogger,
@@ -80,10 +81,13 @@ def build_module(cfg: DictConfig, task: Task | None = None,
     policy, reference = models or build_models(cfg.model, task)
     engine = build_engine(cfg.rollout, cfg.model, policy, max_new_tokens=task.max_new_tokens,
                           eos_id=task.eos_id, seed=cfg.seed)
-    pair = PolicyPair(policy, reference, from_node(KLConfig, cfg.kl),
-                      temperature=cfg.rollout.temperature,
+    rollout = cfg.rollout
+    correction, cap = resolve(rollout.correction, rollout.tis_cap, rollout.lag)
+    pair = PolicyPair(policy, reference, kl_settings(cfg.kl, rollout.lag),
+                      temperature=rollout.temperature,
                       max_new_tokens=task.max_new_tokens, eos_id=task.eos_id, engine=engine,
-                      sync_every=cfg.rollout.sync_every, tis_cap=cfg.rollout.tis_cap)
+                      sync_every=rollout.sync_every, correction=correction, cap=cap,
+                      lag=rollout.lag)
     algorithm = ALGORITHMS[cfg.algo.name]
     return KLPolicyModule(pair, task, algorithm(from_node(algorithm.Config, cfg.algo)),
                           build_schedule(cfg.kl), steps=cfg.steps, seed=cfg.seed,
@@ -200,6 +204,7 @@ def train(cfg: DictConfig, run_dir: Path, sweep: SweepJob | None = None) -> dict
         except BaseException as err:
             status, reason, error = "failed", f"{type(err).__name__}: {err}", err
         fit_s = time.perf_counter() - fit_started
+        module.pair.close()  # an engine's own process (rollout.lag) ends with the fit
         # a sharded policy is gathered by every rank to be exported, after a fit that every rank
         # completed (after a failure the ranks may not all reach the gather)
         export = error is None or not is_sharded(module.policy)

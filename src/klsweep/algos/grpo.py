@@ -85,8 +85,8 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
               beta: float = 0.0, tis: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO's loss: the clipped surrogate on sequence advantages [B] broadcast over tokens,
     plus ``beta`` times the per-token KL term ``kl`` [B, N] when the KL is in the loss, both
-    aggregated the same way over the completion ``mask``. ``tis`` [B, N]: truncated
-    importance weights on the surrogate (rollout.tis_cap), not on the KL term."""
+    aggregated the same way over the completion ``mask``. ``tis`` [B, N]: importance weights
+    on the surrogate (rollout.correction), not on the KL term (kl.is_correction)."""
     surrogate, ratio, clipped = clipped_surrogate(logp, old_logp, advantages, clip_eps)
     if tis is not None:
         surrogate = surrogate * tis
@@ -124,15 +124,21 @@ class GRPO(Algorithm):
         metrics["policy/advantage_scale"] = scale
 
         logits, logp = scored.logits, scored.logp
-        tis = pair.tis_weights(scored)
+        # samples of another policy (an engine's, older weights): weights on the surrogate
+        # and, for AReaL's decoupled objective, the proximal policy the clip is taken against
+        correction = pair.pg_correction(scored)
+        metrics.update(correction.metrics)
         for update in range(c.updates_per_rollout):
             if update > 0:
                 logits, logp = pair.policy_logprobs(rollout)
             old_logp = rollout.old_logp if c.updates_per_rollout > 1 else logp.detach()
             kl_term = (pair.kl_loss_term(logp, scored.ref_logp, logits, scored.ref_logits,
-                                         old_logp, mask) if placement == "loss" else None)
-            loss, stats = grpo_loss(logp, old_logp, advantages, mask, clip_eps=c.clip_eps,
-                                    loss_agg=c.loss_agg, kl=kl_term, beta=beta, tis=tis)
+                                         scored.kl_old_logp(old_logp), mask)
+                       if placement == "loss" else None)
+            anchor = old_logp if correction.anchor is None else correction.anchor
+            loss, stats = grpo_loss(logp, anchor, advantages, mask, clip_eps=c.clip_eps,
+                                    loss_agg=c.loss_agg, kl=kl_term, beta=beta,
+                                    tis=correction.weights)
             optimize(loss)
             if update == 0:
                 metrics.update({k: float(v) for k, v in stats.items()})

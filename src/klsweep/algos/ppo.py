@@ -188,17 +188,22 @@ class PPO(Algorithm):
             advantages = whiten(advantages, mask)
         metrics["policy/advantage_scale"] = scale
 
-        tis = pair.tis_weights(scored)
+        # samples of another policy (an engine's, older weights): weights on the surrogate
+        # and, for AReaL's decoupled objective, the proximal policy the clip is taken against
+        correction = pair.pg_correction(scored)
+        metrics.update(correction.metrics)
+        anchor = old_logp if correction.anchor is None else correction.anchor
+        kl_old_logp = scored.kl_old_logp(old_logp)
         totals: dict[str, float] = {}
         updates = 0
         for _ in range(c.ppo_epochs):
             for index in torch.randperm(mask.shape[0]).tensor_split(c.minibatches):
                 mb_mask = mask[index]
                 mb_logits, logp = pair.policy_logprobs(rollout.rows(index))
-                surrogate, ratio, clipped = clipped_surrogate(logp, old_logp[index],
+                surrogate, ratio, clipped = clipped_surrogate(logp, anchor[index],
                                                               advantages[index], c.clip_eps)
-                if tis is not None:  # truncated IS on the policy-gradient term only
-                    surrogate = surrogate * tis[index]
+                if correction.weights is not None:  # on the policy-gradient term only
+                    surrogate = surrogate * correction.weights[index]
                 policy_loss = masked_mean(surrogate, mb_mask)
                 value_loss, value_clipfrac = clipped_value_loss(
                     self.value_head(features[index]), old_values[index], returns[index],
@@ -208,7 +213,7 @@ class PPO(Algorithm):
                 if placement == "loss":
                     kl_loss = masked_mean(pair.kl_loss_term(
                         logp, scored.ref_logp[index], mb_logits, scored.ref_logits[index],
-                        old_logp[index], mb_mask), mb_mask)
+                        kl_old_logp[index], mb_mask), mb_mask)
                     loss = loss + beta * kl_loss
                 stats = {"loss/policy": policy_loss, "loss/value": value_loss,
                          "loss/kl": kl_loss, "loss/total": loss,

@@ -29,14 +29,15 @@ class Variant:
     estimator: str
     placement: str
     gradient: str
-    is_correction: bool
+    is_correction: bool | str
     unit: str
 
 
-def variants(refused: bool = False) -> list[Variant]:
+def variants(refused: bool = False, off_policy: bool = False) -> list[Variant]:
     """A row per form of the audit's table (``kl.forms``) and unit: every form training
-    accepts, and with ``refused`` the forms it refuses too (the table's evidence)."""
-    chosen = forms.FOLLOWS if refused else forms.accepted_forms()
+    accepts (``off_policy``: at ``rollout.lag`` > 0), and with ``refused`` the forms it
+    refuses too (the table's evidence)."""
+    chosen = forms.FOLLOWS if refused else forms.accepted_forms(off_policy)
     return [Variant(f.estimator, f.placement, f.gradient, f.is_correction, u)
             for u in UNITS for f in chosen]
 
@@ -77,7 +78,7 @@ def estimated(pair: PolicyPair, variant: Variant, batch: Batch) -> Tensor:
     mask = batch.mask
     if variant.placement == "loss":
         term = view.kl_loss_term(batch.logp, batch.ref_logp, batch.logits, batch.ref_logits,
-                                 batch.old_logp)
+                                 batch.old_logp, mask)
         return masked_sum(term, mask)
     penalty = masked_sum(view.reward_penalty(batch.old_logp, batch.ref_logp, batch.old_logits,
                                              batch.ref_logits, mask), mask)

@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from klsweep.kl import forms
+
 COLUMNS = ("estimator", "placement", "gradient", "is_correction", "unit", "follows", "accepted",
            "target", "rel_bias", "cosine", "variance", "mse_at_batch")
 FIGURES = ("rel_bias", "cosine", "variance", "mse_at_batch")
@@ -48,7 +50,8 @@ def figure(result: dict[str, Any], path: Path) -> None:
     targets = list(dict.fromkeys(r["target"] for r in rows))
     labels = list(dict.fromkeys(
         f"{r['estimator']} {r['placement']}" + (" ∇k2" if r["gradient"] == "k2" else "")
-        + (" IS" if r["is_correction"] else "") for r in rows))
+        + (" IS-seq" if r["is_correction"] == "sequence" else " IS" if r["is_correction"]
+           else "") for r in rows))
     fig, ax = plt.subplots(figsize=(12, 4.5))
     width = 0.8 / len(targets)
     for i, name in enumerate(targets):
@@ -74,7 +77,8 @@ def wandb_table(result: dict[str, Any], run_dir: Path, config: dict[str, Any]) -
     from klsweep.records import wandb_mode
 
     keys = [*COLUMNS, *(f"{k}_se" for k in FIGURES)]
-    table = wandb.Table(columns=list(keys), data=[[r[k] for k in keys] for r in result["rows"]])
+    rows = [{**r, "is_correction": forms.spelled(r["is_correction"])} for r in result["rows"]]
+    table = wandb.Table(columns=list(keys), data=[[r[k] for k in keys] for r in rows])
     run = wandb.init(project="klsweep", job_type="audit", dir=str(run_dir), config=config,
                      mode=wandb_mode("auto"))
     run.log({"audit": table})

@@ -112,7 +112,8 @@ def audit(cfg: DictConfig, config: AuditConfig) -> dict[str, Any]:
         targets = {name: _group_means(lambda b, n=name: target(n, b), groups)
                    for name in config.targets}
     rows = []
-    for variant in (v for v in variants(config.refused) if v.unit == "sequence"):
+    stale = config.staleness > 0
+    for variant in (v for v in variants(config.refused, stale) if v.unit == "sequence"):
         group_means = _group_means(lambda b, v=variant: estimated(pair, v, b), groups)
         mean = enumerated(estimated(pair, variant, batch)) if exact else None
         for name, target_grad in targets.items():
@@ -120,7 +121,8 @@ def audit(cfg: DictConfig, config: AuditConfig) -> dict[str, Any]:
                        if exact else
                        sampled_figures(group_means, target_grad, per_group, batch_size))
             for unit in ("token", "sequence"):
-                rows.append(_row(replace(variant, unit=unit), name, figures, mean_length))
+                rows.append(_row(replace(variant, unit=unit), name, figures, mean_length,
+                                 config.staleness))
     return {"method": "enumeration" if exact else "monte_carlo", "task": task.name,
             "algo": run.algo.name, "train_steps": config.train_steps,
             "staleness": config.staleness, "samples": per_group * config.groups,
@@ -142,16 +144,19 @@ def _exact_target(name: str, enumerated: MeanGradients, params: list[Tensor]) ->
     return enumerated(target(name, batch))
 
 
-def _row(variant: Variant, target_name: str, figures: Figures,
-         mean_length: float) -> dict[str, Any]:
-    """A table row. The token unit divides the term and the target by the mean completion
-    length (per token, as kl/mean): the direction, rel_bias, cosine and relative MSE stay,
-    the variance scales by 1/length²."""
+def _row(variant: Variant, target_name: str, figures: Figures, mean_length: float,
+         staleness: int) -> dict[str, Any]:
+    """A table row: what the table says the form follows and whether training accepts it,
+    on-policy or (``staleness`` > 0) at ``rollout.lag`` > 0. The token unit divides the term
+    and the target by the mean completion length (per token, as kl/mean): the direction,
+    rel_bias, cosine and relative MSE stay, the variance scales by 1/length²."""
     form = Form(variant.placement, variant.estimator, variant.gradient, variant.is_correction)
+    stale = staleness > 0
+    accepted = forms.breaking_correction(form) is None and (
+        not stale or forms.stale_refusal(form, staleness) is None)
     row: dict[str, Any] = {**asdict(variant), "target": target_name,
-                           "follows": forms.follows(form) or "none",
-                           "accepted": forms.breaking_correction(form) is None,
-                           **asdict(figures)}
+                           "follows": forms.follows(form, stale) or "none",
+                           "accepted": accepted, **asdict(figures)}
     if variant.unit == "token":
         row["variance"] /= mean_length ** 2
         row["variance_se"] /= mean_length ** 2

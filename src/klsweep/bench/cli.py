@@ -21,7 +21,7 @@ import logging
 import warnings
 
 from klsweep.bench.printing import report
-from klsweep.bench.run import PRESETS, measure
+from klsweep.bench.run import MAX_NEW_TOKENS, PRESETS, PROMPT_LEN, measure
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,10 +35,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="N more steps under torch.profiler: time by kind of kernel")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--prompt-len", type=int, default=PROMPT_LEN)
+    parser.add_argument("--new-tokens", type=int, default=MAX_NEW_TOKENS)
+    parser.add_argument("--lag", type=int, nargs="+", metavar="K",
+                        help="compare rollout.lag values, each measured in its own process "
+                             "(0: the synchronous loop; see klsweep.bench.lag)")
+    parser.add_argument("--rounds", type=int, default=3, help="--lag: measurements of each")
+    parser.add_argument("--sync-threads", type=int, metavar="N",
+                        help="--lag: the synchronous loop on N threads too")
+    parser.add_argument("--no-roofline", dest="roofline", action="store_false",
+                        help="count no FLOPs and time no roofline")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. algo.group_size=16")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    if args.lag:
+        from klsweep.bench.lag import compare, table
+
+        child = ["--algo", args.algo, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                 "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
+                 *args.overrides]
+        result = compare(args.lag, rounds=args.rounds, threads=args.threads,
+                         sync_threads=args.sync_threads, args=child)
+        print(json.dumps(result) if args.json else table(result))
+        return
     result = measure(args.algo, args.steps, args.warmup, args.threads, args.overrides,
-                     args.profile)
+                     args.profile, counted=args.roofline, prompt_len=args.prompt_len,
+                     new_tokens=args.new_tokens)
     print(json.dumps(result) if args.json else report(result))

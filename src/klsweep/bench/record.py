@@ -38,6 +38,26 @@ def kernel_times(profiler: torch.profiler.profile, wall_s: float, steps: int) ->
     return dict(ms)
 
 
+LAGGED = ("perf/trainer_busy_s", "perf/trainer_idle_s", "perf/engine_busy_s",
+          "perf/engine_idle_s")
+
+
+def overlap(rows: list[dict], sampling_s: float) -> dict[str, float]:
+    """Means a step of the seconds the engine generated (``generate_ms``) and the trainer
+    waited for it (``wait_ms``), the engine's and the trainer's idle time, and the share of
+    generation hidden behind training, 1 − wait/generate: 0 where the trainer samples itself
+    (``rollout.lag`` = 0: every second of generation is a second of the step)."""
+    if not rows or LAGGED[0] not in rows[0]:
+        return {"generate_ms": 1000 * sampling_s, "wait_ms": 1000 * sampling_s,
+                "engine_idle_ms": 0.0, "trainer_busy_ms": 0.0, "hidden": 0.0}
+    mean = {key: statistics.mean(row[key] for row in rows) for key in LAGGED}
+    generate, wait = mean["perf/engine_busy_s"], mean["perf/trainer_idle_s"]
+    return {"generate_ms": 1000 * generate, "wait_ms": 1000 * wait,
+            "engine_idle_ms": 1000 * mean["perf/engine_idle_s"],
+            "trainer_busy_ms": 1000 * mean["perf/trainer_busy_s"],
+            "hidden": max(0.0, 1.0 - wait / generate) if generate > 0 else 0.0}
+
+
 def summarize(algo: str, cfg: Any, task: Task, rows: list[dict], ends: list[float],
               phases: list[dict[str, float]], threads: int, peak_mib: float,
               roof: dict[str, dict[str, float]]) -> dict:
@@ -55,6 +75,9 @@ def summarize(algo: str, cfg: Any, task: Task, rows: list[dict], ends: list[floa
     return {
         "algo": algo, "device": "cuda" if torch.cuda.is_available() else "cpu",
         "threads": threads, "load_average": os.getloadavg()[0], "steps": n,
+        "model": cfg.model.get("name") or cfg.model.kind,
+        "rollout": {"engine": cfg.rollout.engine, "lag": cfg.rollout.lag,
+                    "engine_threads": cfg.rollout.threads},
         "shape": {"n_layer": cfg.model.n_layer, "n_embd": cfg.model.n_embd,
                   "n_head": cfg.model.n_head, "vocab": task.vocab_size,
                   "prompt_len": task.prompt_len, "new_tokens": task.max_new_tokens},
@@ -66,8 +89,10 @@ def summarize(algo: str, cfg: Any, task: Task, rows: list[dict], ends: list[floa
         "peak_memory_mib": peak_mib,
         "memory": "CUDA max allocated" if torch.cuda.is_available() else "max RSS",
         "gflop_per_step": flops / 1e9, "gflop_per_s": flops / step_s / 1e9,
-        "roofline_ms": 1000 * roof_s, "roofline_gflop_per_s": flops / roof_s / 1e9,
+        "roofline_ms": 1000 * roof_s,
+        "roofline_gflop_per_s": flops / roof_s / 1e9 if roof_s else 0.0,
         "roofline_fraction": roof_s / step_s,
+        "overlap": overlap(rows, phase_s["sampling"]),
         "phases": {p: {"ms": 1000 * phase_s[p], "share": phase_s[p] / step_s,
                        "gflop": roof.get(p, {}).get("flops", 0) / 1e9,
                        "roofline_ms": 1000 * roof.get(p, {}).get("roofline_s", 0.0)}

@@ -17,6 +17,7 @@ from klsweep.bench.record import kernel_times, summarize
 from klsweep.bench.roofline import roofline
 from klsweep.bench.timing import PhaseClock, timed_phases
 from klsweep.config import compose_and_validate
+from klsweep.models import build_models
 from klsweep.models.tiny import TinyConfig, untrained_tiny
 from klsweep.rollout import Prompts, Rollout
 from klsweep.schema import from_node
@@ -30,13 +31,16 @@ PROMPT_LEN, MAX_NEW_TOKENS, VOCAB = 8, 16, 32
 
 class SpeedTask(Task):
     """Random prompts, a cheap reward, and no EOS, so that every completion has exactly
-    ``max_new_tokens`` tokens and the token count is the nominal one."""
+    ``max_new_tokens`` tokens and the token count is the nominal one (``eos_id``: an EOS the
+    model can sample, for an engine that takes only ids of the model's vocabulary; the
+    prompts then avoid it)."""
 
     name = "speed"
 
-    def __init__(self, vocab_size: int, prompt_len: int, max_new_tokens: int) -> None:
-        self.vocab_size = vocab_size
-        self.eos_id = vocab_size  # never sampled
+    def __init__(self, vocab_size: int, prompt_len: int, max_new_tokens: int,
+                 eos_id: int | None = None) -> None:
+        self.vocab_size = vocab_size if eos_id is None else eos_id
+        self.eos_id = vocab_size if eos_id is None else eos_id  # never sampled (None)
         self.prompt_len = prompt_len
         self.max_new_tokens = max_new_tokens
 
@@ -93,9 +97,23 @@ def _config(algo: str, steps: int, overrides: list[str]) -> Any:
 
 
 def _models(cfg: Any, task: SpeedTask) -> tuple[nn.Module, nn.Module]:
-    """A fresh policy and its copy as the frozen reference (no reference training)."""
+    """A fresh policy and its copy as the frozen reference (no reference training); with
+    ``model=hf``, the checkpoint ``model.name`` and its copy."""
+    if cfg.model.kind == "hf":
+        return build_models(cfg.model, task)
     return untrained_tiny(from_node(TinyConfig, cfg.model), task.vocab_size,
                           task.prompt_len + task.max_new_tokens)
+
+
+def speed_task(cfg: Any, prompt_len: int, new_tokens: int) -> SpeedTask:
+    """The benchmark's task: the tiny model's vocabulary, or the checkpoint's (its last id
+    the EOS, which a rollout engine may be told to stop at)."""
+    if cfg.model.kind != "hf":
+        return SpeedTask(VOCAB, prompt_len, new_tokens)
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(cfg.model.name).vocab_size
+    return SpeedTask(vocab, prompt_len, new_tokens, eos_id=vocab - 1)
 
 
 def _peak_memory_mib() -> float:
@@ -105,30 +123,35 @@ def _peak_memory_mib() -> float:
 
 
 def measure(algo: str, steps: int, warmup: int, threads: int, overrides: list[str],
-            profile: int = 0) -> dict:
+            profile: int = 0, *, counted: bool = True, prompt_len: int = PROMPT_LEN,
+            new_tokens: int = MAX_NEW_TOKENS) -> dict:
     """Train ``warmup + steps (+ profile)`` steps; time ``steps`` after the warm-up; count
-    and time the FLOPs of the last warm-up step; profile the ``profile`` steps after them."""
+    and time the FLOPs of the last warm-up step (unless ``counted`` is false); profile the
+    ``profile`` steps after them."""
     if warmup < 1:
         raise ValueError("--warmup must be >= 1: a warm-up step is the one whose FLOPs count")
     torch.set_num_threads(threads)
     cfg = _config(algo, warmup + steps + profile, overrides)
-    task = SpeedTask(VOCAB, PROMPT_LEN, MAX_NEW_TOKENS)
+    task = speed_task(cfg, prompt_len, new_tokens)
     L.seed_everything(0, verbose=False)
     module = build_module(cfg, task, _models(cfg, task))
     clock = PhaseClock()
-    log = StepLog(clock, count_step=warmup - 1,
+    log = StepLog(clock, count_step=warmup - 1 if counted else -1,
                   profile_from=warmup + steps if profile else None)
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         accelerator=cfg.trainer.accelerator, devices=1,
                         precision=cfg.trainer.precision, callbacks=[log])
-    with timed_phases(module, clock):
-        trainer.fit(module)
+    try:
+        with timed_phases(module, clock):
+            trainer.fit(module)
+    finally:
+        module.pair.close()  # an engine's own process (rollout.lag)
     peak_mib = _peak_memory_mib()
     measured = slice(warmup, warmup + steps)
     record = summarize(algo, cfg, task, module.history[measured],
                        log.ends[warmup:warmup + steps + 1], log.phases[measured], threads,
-                       peak_mib, roofline(log.counted))
+                       peak_mib, roofline(log.counted) if counted else {})
     if profile:
         wall_s = log.ends[-1] - log.ends[warmup + steps]
         record["kernels"] = kernel_times(log.profiler, wall_s, profile)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from klsweep.engines.base import InProcess
 from klsweep.rollout import Prompts, Rollout, generate
 from klsweep.sharding import gathered
 
 
-class NativeEngine:
+class NativeEngine(InProcess):
     """Samples with the live policy module: ``load_weights`` has nothing to copy, and the
     log-probs of the samples are the trainer's own (no ``engine_logp``, no mismatch)."""
 

@@ -21,13 +21,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from klsweep.engines.base import InProcess
 from klsweep.rollout import Prompts, Rollout
 from klsweep.schema import ConfigError
 
 _SEED_RANGE = 2**31 - 1
 
 
-class VLLMEngine:
+class VLLMEngine(InProcess):
     """Samples with vLLM from the checkpoint ``model.name``, then from the weights each
     ``load_weights`` pushes."""
 
@@ -65,10 +66,14 @@ class VLLMEngine:
             raise ConfigError(f"rollout.engine=vllm cannot sample from model.name={name}: "
                               f"{reason}; rollout.engine=native runs it") from None
 
-    @torch.no_grad()
     def load_weights(self, policy: nn.Module) -> None:
-        self.llm.collective_rpc("reload_weights",
-                                kwargs={"weights_iterator": hf_weights(policy.model)})
+        self.load_named(hf_weights(policy.model))
+
+    @torch.no_grad()
+    def load_named(self, weights: Iterator[tuple[str, Tensor]]) -> None:
+        """Weights as (HF name, tensor) pairs, as ``hf_weights`` gives them (an engine in its
+        own process receives them so)."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
 
     def sample(self, prompts: Prompts, n_per_prompt: int) -> Rollout:
         from vllm import SamplingParams, TokensPrompt

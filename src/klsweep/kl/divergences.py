@@ -66,12 +66,19 @@ class Divergence:
         return self.f(log_u) * torch.exp(-log_u)
 
     # --- training's interface: one call per use, ``kl`` the KL settings (KLConfig) -------
-    def check(self, kl: Any) -> None:
+    def check(self, kl: Any, lag: int = 0) -> None:
         """Raise ValueError (one line) for KL settings that mean nothing for this divergence:
         its penalty and loss term are fixed by f′ (their gradient must be ∇D_f), so
         ``kl.estimator`` picks only the value estimate (``k1`` f(u)/u, ``k3`` the
         non-negative one, ``full`` exact per position, token unit only); k2, abs,
-        ``kl.gradient=k2`` and a loss-placed ``kl.is_correction`` are the reverse KL's own."""
+        ``kl.gradient=k2`` and a loss-placed ``kl.is_correction`` are the reverse KL's own.
+        Off-policy (``rollout.lag`` ``lag`` > 0) the audit's table holds the reverse KL's
+        forms only, so a penalty of another divergence is refused there."""
+        if lag > 0:
+            raise ValueError(f"kl.divergence={self.name} at rollout.lag={lag}: the audit's "
+                             f"table holds only the reverse KL's forms off-policy "
+                             f"(klsweep.kl.forms); type kl.divergence=reverse_kl, "
+                             f"kl.placement=none or rollout.lag=0")
         allowed = ("k1", "k3", "full") if kl.unit == f_terms.TOKEN else ("k1", "k3")
         if kl.estimator not in allowed:
             raise ValueError(f"kl.estimator={kl.estimator} cannot estimate "
@@ -145,9 +152,10 @@ class ReverseKL(Divergence):
     # The KL keeps klsweep's estimators and options (DESIGN §4): every one means something
     # for it, and its chain rule makes the token and sequence units one divergence. What it
     # refuses, the audit's table (kl.forms) says: a correction that breaks a KL's gradient.
-    def check(self, kl: Any) -> None:
-        reason = forms.breaking_correction(forms.Form(kl.placement, kl.estimator, kl.gradient,
-                                                      bool(kl.is_correction)))
+    def check(self, kl: Any, lag: int = 0) -> None:
+        form = forms.Form(kl.placement, kl.estimator, kl.gradient, kl.is_correction)
+        reason = forms.breaking_correction(form) or (forms.stale_refusal(form, lag) if lag > 0
+                                                     else None)
         if reason is not None:
             raise ValueError(reason)
 
@@ -176,10 +184,22 @@ class ReverseKL(Divergence):
             # on-policy its value is 1, but ∇(ρ·k) = k·∇log π + ∇k turns k3's forward-KL
             # gradient into the reverse-KL one; a detached ratio would change nothing
             term = term * torch.exp(logp - old_logp)
+            if kl.is_correction == forms.SEQUENCE:
+                term = term * prefix_ratio(logp, old_logp, mask, kl.clamp)
         return term
 
     def pair_score(self, log_u: Tensor) -> Tensor:
         return log_u
+
+
+def prefix_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor, clamp: float) -> Tensor:
+    """π(y_<t)/π_old(y_<t) [B, N], detached: the ratio of the tokens before each one (1 at the
+    first), which moves each position's prefix from π_old's distribution to π's; times the
+    token's own ratio it is the sequence's ratio up to t. Its log is clamped to ±``clamp``
+    (the log-ratio clamp, ``kl.clamp``): a long sequence's product overflows first."""
+    log_ratio = ((logp - old_logp).detach() * mask).float()
+    before = torch.cumsum(log_ratio, dim=-1) - log_ratio
+    return torch.exp(before.clamp(-clamp, clamp)).to(logp.dtype)
 
 
 class ForwardKL(Divergence):

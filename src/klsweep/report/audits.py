@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from klsweep.kl import forms
 from klsweep.report.runs import dirs_holding
 
 RECORD = "audit.json"
@@ -56,7 +57,8 @@ def copy_into(audits: Sequence[Audit], out: Path) -> dict[str, str]:
 def _way(row: dict[str, Any]) -> str:
     return (f"{row['estimator']} in the {row['placement']}"
             + (", ∇ of k2" if row["gradient"] == "k2" else "")
-            + (", IS-corrected" if row["is_correction"] else ""))
+            + (", sequence-IS-corrected" if row["is_correction"] == "sequence"
+               else ", IS-corrected" if row["is_correction"] else ""))
 
 
 def markdown_lines(audits: Sequence[Audit]) -> list[str]:
@@ -85,5 +87,6 @@ def markdown_lines(audits: Sequence[Audit]) -> list[str]:
 def wandb_table(audits: Sequence[Audit]) -> tuple[list[str], list[list[Any]]]:
     """Every audit's rows, with the audit's dir and staleness, as (columns, rows)."""
     columns = ["audit", "staleness", *audits[0].result["rows"][0]]
-    return columns, [[str(a.path), a.result["staleness"], *row.values()]
+    return columns, [[str(a.path), a.result["staleness"],
+                      *{**row, "is_correction": forms.spelled(row["is_correction"])}.values()]
                      for a in audits for row in a.result["rows"]]
