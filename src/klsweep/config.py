@@ -78,7 +78,8 @@ class TrainerConfig:
 class OptimConfig:
     """AdamW on the policy's trainable parameters (and an algorithm's own module)."""
 
-    lr: float = spec(kind="number", gt=0, help="learning rate")
+    lr: float | None = spec(kind="number", gt=0, optional=True,
+                            help="learning rate; null: the model's default (model.lr ...)")
     weight_decay: float = spec(kind="number", ge=0, help="AdamW weight decay")
     betas: list = spec(kind="list", help="AdamW betas")
     grad_clip: float = spec(kind="number", ge=0, help="max global grad norm; 0: none")
