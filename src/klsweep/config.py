@@ -20,7 +20,7 @@ from klsweep.kl.schedules import _accepted_arguments
 from klsweep.models import MODELS
 from klsweep.policy import KLConfig
 from klsweep.schema import ConfigError, check_nodes, describe, from_node, spec
-from klsweep.tasks import TASKS
+from klsweep.tasks import TASKS, EvalConfig
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # the kl node's own keys that feed every schedule (the rest come from kl.schedule.*)
@@ -127,7 +127,7 @@ class TrialConfig:
 # node -> its dataclass, for the nodes that have one whatever the choices
 RUN_NODES: dict[str, type] = {"kl": KLConfig, "trainer": TrainerConfig, "optim": OptimConfig,
                               "rollout": RolloutConfig, "checkpoint": CheckpointConfig,
-                              "trial": TrialConfig}
+                              "trial": TrialConfig, "eval": EvalConfig}
 # group -> choice name -> its dataclass
 CHOICE_NODES: dict[str, dict[str, type]] = {
     "algo": {name: algo.Config for name, algo in ALGORITHMS.items()},

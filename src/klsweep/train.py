@@ -73,7 +73,7 @@ def build_module(cfg: DictConfig, task: Task | None = None,
                  models: tuple[nn.Module, nn.Module] | None = None) -> KLPolicyModule:
     """Config → task, policy pair, algorithm and schedule → the LightningModule. ``task`` and
     ``models`` replace the ones the config names (the benchmark's)."""
-    task = task or build_task(cfg.task, load_tokenizer(cfg.model))
+    task = task or build_task(cfg.task, load_tokenizer(cfg.model), cfg.eval)
     policy, reference = models or build_models(cfg.model, task)
     engine = build_engine(cfg.rollout, cfg.model, policy, max_new_tokens=task.max_new_tokens,
                           eos_id=task.eos_id, seed=cfg.seed)
