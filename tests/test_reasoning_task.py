@@ -35,7 +35,8 @@ def small_task(tokenizer=None, evaluation=EVAL, **task) -> ReasoningTask:
 def test_the_training_pool_and_the_held_out_set_share_no_seed_and_no_question():
     # two-term one-digit sums have 200 distinct questions: 600 draws repeat many, so the
     # text check, not only the seeds, keeps the held-out questions out of training
-    task = small_task(dataset_config={"min_terms": 2, "max_terms": 2, "min_digits": 1,
+    task = small_task(dataset="basic_arithmetic",
+                      dataset_config={"min_terms": 2, "max_terms": 2, "min_digits": 1,
                                       "max_digits": 1, "operators": ["+", "-"],
                                       "allow_parentheses": False, "allow_negation": False})
     train, held = task.train, task.held_out
@@ -106,7 +107,9 @@ def rollout_of(task: ReasoningTask, completions: list[str], index: list[int]) ->
 
 
 def test_the_reward_is_score_answer_of_the_answer_read_plus_the_format_term(tmp_path):
-    task = small_task(build_tokenizer(tmp_path), format_weight=0.5)
+    task = small_task(build_tokenizer(tmp_path), format_weight=0.5, dataset="basic_arithmetic",
+                      dataset_config={"min_terms": 2, "max_terms": 3, "min_digits": 1,
+                                      "max_digits": 1})
     dataset = task.train.dataset
     entries = task.train.entries[:4]
     answer = entries[0]["answer"]

@@ -11,6 +11,10 @@ The limit: one warm-up step runs under ``FlopCounterMode``, which sees every mat
 shape is then timed alone, with the run's thread count. Their sum is the step's roofline: the
 time it would take doing nothing but its matrix products at this machine's measured rate on
 the model's own shapes. The fraction reached is that time over the measured step.
+
+``--shares [overrides]`` measures a whole run instead (the real command's, e.g.
+``task=reasoning``): the share of its wall time spent training the reference on first use,
+in the task's evaluations, and in the rest (``--warm``: with the reference cached).
 """
 
 from __future__ import annotations
@@ -35,10 +39,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="N more steps under torch.profiler: time by kind of kernel")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--shares", action="store_true",
+                        help="time a whole run of the overrides' config: reference training, "
+                             "evaluation, the rest (klsweep.bench.shares)")
+    parser.add_argument("--warm", action="store_true",
+                        help="with --shares: the reference from the configured cache")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. algo.group_size=16")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    if args.shares:
+        from klsweep.bench.shares import measure_shares, shares_report
+
+        result = measure_shares(args.overrides, args.warm)
+        print(json.dumps(result) if args.json else shares_report(result))
+        return
     result = measure(args.algo, args.steps, args.warmup, args.threads, args.overrides,
                      args.profile)
     print(json.dumps(result) if args.json else report(result))
