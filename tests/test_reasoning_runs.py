@@ -121,6 +121,15 @@ def test_a_pretrained_instruct_checkpoint_runs_through_its_chat_template(tmp_pat
 
 
 @pytest.mark.slow
+def test_a_from_scratch_transformers_arch_gets_the_character_tokenizer_and_sft(tmp_path):
+    summary, rows = run_and_read(tmp_path / "run", *small(tmp_path), *GRPO, "model=hf",
+                                 "model.arch=llama", "model.n_layer=1", "model.n_embd=32")
+    assert summary["status"] == "completed" and summary["lr"] == pytest.approx(3e-4)
+    assert (tmp_path / "run" / "tokenizer.json").is_file()
+    assert list((tmp_path / "cache").glob("reasoning-*.pt"))  # the SFT reference, cached
+
+
+@pytest.mark.slow
 def test_the_rlvr_sweep_and_its_report_draw_pass_at_k_per_beta(tmp_path):
     sweep = tmp_path / "sweep"
     # eval.k reaches 16: the preset's objectives are pass@1 and pass@16

@@ -117,7 +117,7 @@ class ReasoningConfig:
 
         config = from_node(ReasoningConfig, cfg.task)
         evaluation = from_node(EvalConfig, cfg.eval)
-        train, held_out = questions(config, evaluation)
+        _, train, held_out = questions(config, evaluation)
         tokenizer = load_tokenizer(cfg.model)
         if tokenizer is None:
             if config.prompt_format == "chat":
@@ -129,14 +129,16 @@ class ReasoningConfig:
                                                           cfg.model.name)
 
 
-def questions(config: ReasoningConfig, evaluation: EvalConfig) -> tuple[Questions, Questions]:
-    """The training pool and the held-out questions, checked disjoint."""
+def questions(config: ReasoningConfig,
+              evaluation: EvalConfig) -> tuple[Source, Questions, Questions]:
+    """The questions' source, the training pool and the held-out questions, checked
+    disjoint."""
     source = source_of(config.dataset, config.dataset_config, config.datasets)
     held_out = evaluation_set(source, config.eval_seed, evaluation.prompts)
     train = training_pool(source, config.train_seed, config.train_size,
                           frozenset(e["question"] for e in held_out.entries))
     check_disjoint(train.seeds, held_out.seeds)
-    return train, held_out
+    return source, train, held_out
 
 
 def _texts(*sets: Questions) -> list[str]:
@@ -176,8 +178,7 @@ class ReasoningTask(Task):
         self.evaluation = evaluation
         if evaluation is None:
             raise ValueError("task=reasoning needs the eval node (build_task passes it)")
-        self.train, self.held_out = questions(config, evaluation)
-        self.source: Source = source_of(config.dataset, config.dataset_config, config.datasets)
+        self.source, self.train, self.held_out = questions(config, evaluation)
         if tokenizer is None:
             self.text: TaskText = CharText(
                 CharTokenizer([*_texts(self.train, self.held_out), "\n"]))
