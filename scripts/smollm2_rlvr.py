@@ -18,7 +18,9 @@ The settings, and why:
   sums, 11 right at 0.5 and 1 at 1.0, as measured when this task was planned); evaluation
   samples at the same temperature;
 * 4 prompts × 4 completions a step, ``optim.lr=1e-5`` (ten times the pretrained default of
-  1e-6: a run of tens of steps moves little at TRL's rate), ``threads=2`` (both cores).
+  1e-6: a run of tens of steps moves little at TRL's rate), ``threads=2`` (both cores);
+* 30 updates by default; each run evaluates the reference and, at its end, the policy on 32
+  held-out questions × 8 samples (pass@1 to pass@8).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ SETTINGS = [
     "+task.dataset_config.min_digits=1", "+task.dataset_config.max_digits=1",
     "task.system_prompt=direct", "task.train_size=2000", "task.max_new_tokens=32",
     "rollout.temperature=0.5", "algo=grpo", "algo.prompts_per_step=4", "algo.group_size=4",
-    "schedule=fixed", "optim.lr=1e-5", "eval.prompts=16", "eval.samples=8",
+    "schedule=fixed", "optim.lr=1e-5", "eval.prompts=32", "eval.samples=8",
     "eval.k=[1,2,4,8]", "threads=2", "logger=none", "trainer.enable_progress_bar=false",
 ]
 
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("model", help="the checkpoint smollm2_checkpoint.py wrote")
     parser.add_argument("--out", type=Path, default=Path("sweeps/smollm2-rlvr"))
     parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.1])
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     parser.add_argument("overrides", nargs="*", help="more klsweep overrides for every run")
