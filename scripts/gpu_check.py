@@ -159,12 +159,13 @@ def compare_engines(model_dir: str, args: argparse.Namespace) -> dict:
     from klsweep.bench.engines import measure
 
     engines = [e for e in args.engines if e != "vllm" or importlib.util.find_spec("vllm")]
-    result = measure(model_dir, engines=engines, n_prompts=args.prompts,
+    result = measure(model_dir, engines=engines, rounds=1, threads=1, n_prompts=args.prompts,
                      n_per_prompt=args.group, prompt_len=args.prompt_len,
                      max_new_tokens=args.new_tokens, repeats=args.steps, dtype="bfloat16",
                      device=args.device)
     return {"check": "engines", "batch": f"{args.prompts}x{args.group}x{args.new_tokens}",
-            "tokens_per_s": result, "skipped": sorted(set(args.engines) - set(engines))}
+            "tokens_per_s": result["median_tokens_per_s"],
+            "skipped": sorted(set(args.engines) - set(engines))}
 
 
 if __name__ == "__main__":

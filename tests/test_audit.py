@@ -12,8 +12,11 @@ import pytest
 
 from klsweep.audit.config import check, compose_audit
 from klsweep.audit.run import audit
+from klsweep.config import compose_and_validate
+from klsweep.kl import forms
 from klsweep.report import main as report_main
 from klsweep.schema import ConfigError
+from klsweep.train import build_module
 from tests.conftest import REPO
 from tests.test_report import write_run
 
@@ -22,6 +25,7 @@ SMALL = ["task=exact", "task.vocab_size=3", "task.completion_len=3", "task.n_pro
          "task.reference_steps=60", "model.n_layer=1", "model.n_embd=16", "model.n_head=2",
          "logger=none", "audit.train_steps=15", "audit.samples=512", "audit.groups=16"]
 EXACT = 1e-5  # float32 rounding of a sum that is 0 by algebra, as a share of |g*|
+TABLE = 1e-6  # the same, for the table's claims (measured here: at most 4.6e-7)
 Z = 4.0       # standard errors: a false alarm about once in 16,000 comparisons
 
 
@@ -33,8 +37,14 @@ def rows_of(*overrides: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def enumerated():
-    return rows_of()
+def every_form():
+    return rows_of("audit.refused=true")
+
+
+@pytest.fixture(scope="module")
+def enumerated(every_form):
+    """The rows of the forms training accepts: the audit's default."""
+    return {key: r for key, r in every_form.items() if r["accepted"]}
 
 
 def row(rows, estimator, placement, target, gradient="estimator", correction=False,
@@ -75,14 +85,44 @@ def test_k3_with_the_importance_correction_is_k2_in_the_loss(enumerated):
 
 def test_every_combination_training_accepts_has_a_row_per_target(enumerated):
     # reward: 5 estimators; loss: 5 × (kl.gradient, kl.is_correction) in (estimator, false),
-    # (estimator, true), (k2, false) (training refuses k2 with the correction); × 2 units ×
-    # 3 targets
+    # (estimator, true), (k2, false), and (k2, true) on full only, less k2 with the
+    # correction (training refuses both double corrections); × 2 units × 3 targets
     assert len(enumerated) == (5 + 15) * 2 * 3
-    assert not any(g == "k2" and c for (_, _, g, c, _, _) in enumerated)
+    assert not any(c and (g == "k2" or e == "k2") and e != "full"
+                   for (e, p, g, c, _, _) in enumerated)
     token, sequence = (row(enumerated, "k3", "loss", "forward_kl", unit=u) for u in
                        ("token", "sequence"))
     assert token["rel_bias"] == sequence["rel_bias"]
     assert token["variance"] == pytest.approx(sequence["variance"] / 3 ** 2)  # length 3
+
+
+def test_the_table_of_forms_is_what_the_audit_measures_for_every_form(every_form):
+    # the one table that the config check, kl.is_correction=auto and the audit read
+    # (klsweep.kl.forms): each form follows its entry's target exactly, by enumeration, and an
+    # entry of none is far from every target; refused forms are measured too
+    assert {(r["estimator"], r["placement"], r["gradient"], r["is_correction"])
+            for r in every_form.values()} == {
+        (f.estimator, f.placement, f.gradient, f.is_correction) for f in forms.FOLLOWS}
+    for key, r in every_form.items():
+        if r["follows"] == r["target"]:
+            assert r["rel_bias"] <= TABLE and r["cosine"] == pytest.approx(1.0, abs=TABLE), key
+        elif r["follows"] == "none":
+            assert r["rel_bias"] > 100 * EXACT, key
+    assert {r["accepted"] for r in every_form.values()} == {True, False}
+
+
+@pytest.mark.parametrize("estimator, corrected", [
+    ("k1", True), ("k2", False), ("k3", True), ("abs", False), ("full", False)])
+def test_grpo_s_default_correction_is_the_table_s_choice_and_follows_the_reverse_kl(
+        every_form, estimator, corrected):
+    cfg = compose_and_validate({"algo": "grpo", "task": "exact", "estimator": estimator,
+                                "schedule": "fixed", "kl.beta": "0.1"})
+    assert cfg.kl.is_correction is corrected  # what --help and W&B show
+    assert build_module(cfg).pair.kl.is_correction is corrected  # what trains
+    if estimator == "abs":  # neither form of abs follows a KL (the table)
+        return
+    r = row(every_form, estimator, "loss", "reverse_kl_myopic", correction=corrected)
+    assert r["rel_bias"] <= TABLE
 
 
 def test_monte_carlo_agrees_with_enumeration_within_its_standard_errors(enumerated):
@@ -127,7 +167,8 @@ def test_the_command_writes_the_table_the_figure_and_a_wandb_table_and_the_repor
     assert record["staleness"] == 2 and record["method"] == "enumeration"
     assert (audit_dir / "audit.png").stat().st_size > 0
     table = (audit_dir / "audit.md").read_text()
-    assert "| k3 | loss | estimator | true | token | forward_kl |" in table
+    assert ("| k3 | loss | estimator | true | token | reverse_kl_myopic | true | forward_kl |"
+            in table)
     assert list(audit_dir.glob("wandb/offline-run-*/files/media/table/audit_*.table.json"))
 
     # beside a sweep's runs, the schedule report copies the table into its folder, shows

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
-from klsweep.bench import cli, flops, roofline, timing
+from klsweep.bench import cli, engines, flops, roofline, timing
+from tests.hf_fixtures import save_tiny_model
 
 
 def test_one_linear_layer_counts_2mkn_forward_and_twice_that_backward():
@@ -126,3 +127,26 @@ def test_the_seams_time_the_pair_and_are_gone_after_the_run(monkeypatch):
         assert "sample" in vars(module.pair)
     assert clock.take() == {"sampling": 1.0, "policy.backward": 1.0}
     assert "sample" not in vars(module.pair) and "manual_backward" not in vars(module)
+
+
+def test_the_engines_alternate_from_round_to_round():
+    assert [engines.order(["native", "vllm"], r) for r in range(3)] == [
+        ["native", "vllm"], ["vllm", "native"], ["native", "vllm"]]
+
+
+def test_each_engine_measurement_runs_in_its_own_process_with_the_load_recorded(
+        tmp_path, capsys):
+    # vLLM binds the OpenMP threads of the process it starts in: each measurement gets a
+    # fresh process, whose vllm environment names the cores it may bind
+    model_dir = save_tiny_model(tmp_path / "llama", "llama")
+    assert engines.engine_environment("vllm", 2)["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
+    engines.main([str(model_dir), "--engines", "native", "--rounds", "2", "--threads", "1",
+                  "--prompts", "2", "--n", "2", "--tokens", "4", "--repeats", "1"])
+    record = json.loads(capsys.readouterr().out)
+    runs = record["runs"]["native"]
+    assert record["batch"] == "2x2x4" and record["threads"] == 1 and len(runs) == 2
+    assert all(r["tokens_per_s"] > 0 and r["load_before"] >= 0 and r["cpu_share"] > 0
+               for r in runs)
+    # the median of two runs is their mean
+    assert record["median_tokens_per_s"]["native"] == pytest.approx(
+        (runs[0]["tokens_per_s"] + runs[1]["tokens_per_s"]) / 2)

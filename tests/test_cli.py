@@ -24,13 +24,28 @@ from tests.conftest import TINY, assert_refused_in_one_line, run_klsweep
     ("kl.placement=value", "kl.placement must be one of reward, loss, none (got 'value')"),
     ("kl.bta=0.1", "kl.bta is not a known key (allowed under kl: beta, target"),
     ("optim.lr=fast", "optim.lr must be a number > 0 (got 'fast')"),
-    # GRPO's default kl.is_correction=true with k2's gradient: two corrections of one term
-    ("kl.gradient=k2", "kl.gradient=k2 with kl.is_correction=true corrects the loss-placed KL "
-                       "twice"),
+    ("kl.is_correction=yes", "kl.is_correction must be one of auto, true, false (got 'yes')"),
 ])
 def test_bad_input_fails_in_one_line_before_anything_is_written(
         override, message, tmp_path, monkeypatch, capsys):
     assert_refused_in_one_line([override], message, tmp_path / "run", monkeypatch, capsys)
+
+
+# the correction on a term that already follows the per-position reverse KL: k2's own
+# gradient, or k2's gradient through kl.gradient=k2 (two corrections of one term)
+@pytest.mark.parametrize("overrides,form", [
+    (["estimator=k2"], "kl.estimator=k2 kl.is_correction=true"),
+    (["kl.gradient=k2"], "kl.estimator=k3 kl.gradient=k2 kl.is_correction=true"),
+    (["algo=ppo", "kl.placement=loss", "estimator=k1", "kl.gradient=k2"],
+     "kl.estimator=k1 kl.gradient=k2 kl.is_correction=true"),
+])
+def test_a_correction_that_breaks_a_kl_gradient_fails_in_one_line_naming_what_to_type(
+        overrides, form, tmp_path, monkeypatch, capsys):
+    message = (f"{form} in the loss follows no KL's gradient (without the correction it follows "
+               f"reverse_kl_myopic: the audit's table, klsweep.kl.forms); type "
+               f"kl.is_correction=false, or auto for the audit's choice")
+    assert_refused_in_one_line([*overrides, "kl.is_correction=true"], message, tmp_path / "run",
+                               monkeypatch, capsys)
 
 
 def test_a_bad_value_in_a_grid_fails_before_the_first_job(tmp_path, monkeypatch, capsys):
@@ -76,7 +91,9 @@ def test_a_tiny_run_writes_its_record_and_wandb_history(tmp_path):
 
     # W&B's own reader gives back the KL trajectory the run logged
     (wandb_run,) = (run_dir / "wandb").glob("offline-run-*")
-    records = subprocess.run(["wandb", "leet", "inspect", "--json", str(wandb_run)],
+    # the interpreter that runs the tests: a venv that is not activated has no wandb on PATH
+    records = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json",
+                              str(wandb_run)],
                              capture_output=True, text=True, check=True).stdout
     history = [json.loads(line)["history"] for line in records.splitlines()
                if '"type":"history"' in line]

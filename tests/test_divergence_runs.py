@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from klsweep.config import compose_and_validate
 from klsweep.exact_divergence import divergence, optimum
 from klsweep.kl.divergences import make_divergence
 from tests.conftest import assert_refused_in_one_line, run_and_read
@@ -25,13 +26,22 @@ from tests.conftest import assert_refused_in_one_line, run_and_read
      "(allowed: k1, k3)"),
     (["kl.divergence=js", "kl.gradient=k2"],
      "kl.gradient=k2 is a reverse-KL option (kl.divergence=js allows: estimator)"),
-    (["kl.divergence=alpha"],  # GRPO: the KL in the loss, with the correction by default
-     "kl.is_correction is a reverse-KL option of a loss-placed KL, true by default with "
-     "algo=grpo (kl.divergence=alpha needs kl.is_correction=false)"),
+    (["kl.divergence=alpha", "kl.is_correction=true"],  # GRPO: the KL in the loss
+     "kl.is_correction=true is a reverse-KL option of a loss-placed KL (kl.divergence=alpha "
+     "needs kl.is_correction=false, or auto)"),
 ])
 def test_bad_divergence_settings_fail_in_one_line_before_anything_is_written(
         overrides, message, tmp_path, monkeypatch, capsys):
     assert_refused_in_one_line(overrides, message, tmp_path / "run", monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "js", "alpha", "chi2"])
+def test_grpo_s_default_correction_lets_every_divergence_run_in_the_loss_as_typed(divergence):
+    # kl.is_correction=auto is false for a divergence other than the KL: the documented
+    # command `algo=grpo kl.divergence=chi2 kl.placement=loss` needs no third key
+    cfg = compose_and_validate({"algo": "grpo", "kl.divergence": divergence,
+                                "kl.placement": "loss"})
+    assert cfg.kl.is_correction is False
 
 
 SMALL_EXACT = ["task=exact", "task.vocab_size=3", "task.completion_len=3", "steps=4",

@@ -10,7 +10,13 @@ import pytest
 from test_report import STEPS, TARGET, write_run
 
 from klsweep.report import main
-from klsweep.report.equal_drift import reward_at_kl, separated
+from klsweep.report.equal_drift import (
+    ALPHA,
+    reward_at_kl,
+    seeds_to_separate,
+    separated,
+    verdict,
+)
 
 
 def test_reward_is_read_where_the_kl_first_reaches_each_level_interpolated_by_hand():
@@ -32,6 +38,36 @@ def test_seeds_separate_two_groups_only_when_every_seed_of_one_is_above_the_othe
     assert separated([0.3, 0.4, 0.5], [0.0, 0.1, 0.2]) == (True, pytest.approx(1 / 20))
     assert separated([0.3, 0.1, 0.5], [0.0, 0.2, 0.2])[0] is False
     assert separated([0.3, 0.4], [0.0, 0.1, 0.2]) == (True, pytest.approx(1 / 10))
+
+
+def test_separation_is_claimed_only_at_chance_at_most_0_05_and_else_the_seeds_it_takes():
+    assert ALPHA == 0.05
+    # 3 against 3, all above: chance 1/C(6, 3) = 0.05
+    assert verdict([0.5, 0.6, 0.7], [0.1, 0.2, 0.3], "B") == \
+        "seeds separate it from B (chance 0.05)"
+    # all above, but 2 against 3 can never reach 0.05 (1/C(5, 2) = 0.1), nor 1 against 1
+    # (1/C(2, 1) = 0.5): the counts, not the rewards, decide
+    assert verdict([0.5, 0.6], [0.1, 0.2, 0.3], "B") == (
+        "its seeds all lie above those of B, but with 2 and 3 seeds the test cannot tell: that "
+        "ordering has chance 0.1 when the two do not differ, and reaching 0.05 takes 3 seeds "
+        "each")
+    assert verdict([0.9], [0.1], "B").endswith("chance 0.5 when the two do not differ, and "
+                                               "reaching 0.05 takes 3 seeds each")
+    assert verdict([0.1], [0.9], "B").startswith("seeds do not separate it from B, but with 1 "
+                                                 "seed each the test cannot tell")
+    # enough seeds, overlapping rewards: not separated, and no more seeds asked for
+    assert verdict([0.5, 0.1, 0.6], [0.2, 0.3, 0.4], "B") == "seeds do not separate it from B"
+
+
+@pytest.mark.parametrize(("ran", "needed"), [((1, 1), (3, 3)), ((2, 3), (3, 3)), ((3, 3), (3, 3)),
+                                             ((5, 1), (5, 2)), ((4, 4), (4, 4))])
+def test_the_seeds_it_takes_are_the_fewest_at_which_the_ordering_test_reaches_0_05(ran, needed):
+    assert seeds_to_separate(*ran) == needed
+    a, b = needed
+    assert 1 / math.comb(a + b, a) <= ALPHA
+    # one seed fewer in all, split any way that keeps the seeds that ran, cannot reach it
+    assert all(1 / math.comb(a + b - 1, k) > ALPHA for k in range(ran[0], a + b - ran[1])) \
+        or a + b - 1 < sum(ran)
 
 
 def table_row(lines, group):

@@ -89,7 +89,8 @@ def test_dpo_trains_on_a_preference_file_in_trl_s_format(tmp_path, prompt_file):
 ])
 def test_the_hf_path_reaches_the_closed_form_optimum_on_the_exact_task(algo, overrides,
                                                                        tmp_path):
-    """The exact task's done-when configurations (README), on a Llama built by the task."""
+    """The exact task's done-when configurations (docs/research/exact-task.md), on a Llama
+    built by the task."""
     summary, _ = run_and_read(tmp_path, "task=exact", "model=hf", "model.arch=llama",
                               f"algo={algo}", "schedule=fixed", "kl.beta=0.1", "steps=200",
                               *overrides)

@@ -87,7 +87,7 @@ def test_n_jobs_null_runs_one_job_per_usable_core_by_the_runs_threads(launcher_f
 
 
 def test_a_job_whose_process_dies_fails_with_how_it_died_and_the_others_complete(
-        launcher_for):
+        launcher_for, capsys):
     def task(cfg: DictConfig) -> int:
         if cfg.seed == 1:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -100,6 +100,12 @@ def test_a_job_whose_process_dies_fails_with_how_it_died_and_the_others_complete
     assert str(results[1]._return_value) == ("the job's process died (killed by SIGKILL) "
                                              "before it returned")
     assert (results[0].return_value, results[2].return_value) == (0, 2)
+    # the console: a line per job that starts and ends, why one failed, the sweep's progress
+    lines = [line for line in capsys.readouterr().out.splitlines() if "klsweep: " in line]
+    assert sum(" started" in line for line in lines) == 3
+    assert any(line.endswith("klsweep: job 1 failed · RuntimeError: the job's process died "
+                             "(killed by SIGKILL) before it returned") for line in lines)
+    assert " 3 of 3 jobs done · 2 completed, 1 failed · 0 running · " in lines[-1]
 
 
 def test_a_job_that_raises_returns_its_error_as_hydra_does(launcher_for):

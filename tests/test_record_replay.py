@@ -18,7 +18,7 @@ STEPS = 30
 # One prompt: the 64 completions of a step are then i.i.d. draws from π(·|x), and exact/kl is
 # that prompt's KL (with several prompts, a step's 8 prompts would add their own spread).
 # kl.is_correction=false: the replay's tolerances were set before GRPO took TRL's default
-# (README, The KL-gradient audit)
+# (docs/research/gradient-audit.md)
 RUN = ["task=exact", "task.n_prompts=1", "task.eval_every=1", "algo=grpo", "schedule=adaptive",
        "kl.is_correction=false",
        "kl.target=0.05", f"steps={STEPS}", "trainer.enable_progress_bar=false"]

@@ -4,6 +4,7 @@ against numbers computed here from the metrics files and the trajectories' desig
 import csv
 import json
 import math
+import re
 
 import matplotlib.image
 import numpy as np
@@ -20,7 +21,7 @@ STEPS = 50
 
 
 def write_run(path, *, schedule, seed, kl, beta, reward, status="completed", task="digits",
-              config=None, exact=None, wall_time_s=10.0):
+              config=None, exact=None, wall_time_s=10.0, swept=None):
     """A run dir as train() leaves it: .hydra/config.yaml (unresolved, as Hydra saves it),
     metrics.jsonl and summary.json."""
     (path / ".hydra").mkdir(parents=True)
@@ -46,7 +47,7 @@ def write_run(path, *, schedule, seed, kl, beta, reward, status="completed", tas
             f.write(json.dumps(row) + "\n")
     summary = {"status": status, "name": f"grpo-k3-{schedule}-s{seed}", "algo": "grpo",
                "estimator": "k3", "schedule": schedule, "placement": "loss", "task": task,
-               "seed": seed, "wall_time_s": wall_time_s}
+               "seed": seed, "wall_time_s": wall_time_s, "swept": swept or {}}
     (path / "summary.json").write_text(json.dumps(summary))
     if exact:
         (path / "exact.json").write_text(json.dumps(exact))
@@ -132,6 +133,8 @@ def test_report_md_ranks_schedules_by_tracking_error_with_mean_and_std(sweep):
     table = text[text.index("| group |"):text.index("### ")]
     assert table.index("| adaptive |") < table.index("| fixed |") < table.index("| pid |")
     assert "1 diverged" in text and "4 completed" in text
+    assert ("They varied **schedule** (adaptive, fixed, pid): 3 groups, 1–2 seeds each. All had "
+            "algorithm grpo, task digits, estimator k3.") in text
     for name in ("kl_trajectories.png", "beta_trajectories.png", "reward_vs_kl.png",
                  "tracking.png"):
         assert f"]({name})" in text
@@ -283,3 +286,38 @@ def test_runs_sampled_by_another_engine_report_its_mismatch_beside_the_kl(tmp_pa
     text = (tmp_path / "report.md").read_text()
     assert "| engine mismatch k3 (mean) | engine max abs Δlog p |" in text
     assert "| 1.5e-06 ± 0 | 0.0015 ± 0.00071 |" in text
+
+
+def test_a_sweep_without_a_target_is_reported_by_what_it_varied_and_ranks_no_tracking(tmp_path):
+    # as sweep=divergences: β fixed, two divergences × two β, one seed each; kl.target keeps
+    # its default, which no fixed-β run reads
+    for i, (divergence, beta) in enumerate([("reverse_kl", 0.1), ("reverse_kl", 0.2),
+                                            ("forward_kl", 0.1), ("forward_kl", 0.2)]):
+        write_run(tmp_path / str(i), schedule="fixed", seed=0,
+                  kl=[0.002 * (i + 1) * step for step in range(STEPS)], beta=[beta] * STEPS,
+                  reward=[0.5 + 0.01 * i * step for step in range(STEPS)],
+                  config={"kl.beta": beta, "kl.divergence": divergence},
+                  swept={"kl.divergence": divergence, "kl.beta": beta})
+    assert main([str(tmp_path)]) == 0
+    text = (tmp_path / "report.md").read_text()
+    lead = text.split("\n\n")[1]  # the paragraph under the title
+    assert lead == (f"4 runs from {tmp_path} (4 completed). They varied **kl.divergence** "
+                    "(forward_kl, reverse_kl) and **kl.beta** (0.1, 0.2): 4 groups, 1 seed "
+                    "each (seed 0). All had algorithm grpo, task digits, schedule fixed, "
+                    "estimator k3.")
+    assert "tracked the target" not in text and "Target KL" not in text
+    assert "No schedule here steers β toward a target KL (fixed)" in text
+    table = text[text.index("| group |"):]
+    assert table.startswith("| group | seeds | β volatility | final reward |")
+    assert not (tmp_path / "tracking.png").exists() and "tracking.png" not in text
+    # the groups in the order of their values, not by an error against an unused target
+    labels = [line.split(" | ")[0][2:] for line in table.splitlines()[2:6]]
+    assert labels == ["fixed · kl.beta=0.1 · kl.divergence=forward_kl",
+                      "fixed · kl.beta=0.1 · kl.divergence=reverse_kl",
+                      "fixed · kl.beta=0.2 · kl.divergence=forward_kl",
+                      "fixed · kl.beta=0.2 · kl.divergence=reverse_kl"]
+    # one seed a group: no level's leader is said to be separated, and no budget level
+    bullets = [line for line in text.splitlines() if re.match(r"\* KL [0-9.]+: ", line)]
+    assert bullets and all("seeds separate" not in b and b.endswith("takes 3 seeds each")
+                           for b in bullets)
+    assert "(budget)" not in text

@@ -49,6 +49,8 @@ def test_offline_runs_and_report_are_laid_out_for_comparison(tmp_path, monkeypat
         assert state["name"] == local["name"] == expected_name
         names.add(state["name"])
         assert {"k3", local["schedule"]} <= set(state["tags"])
+        # the swept values, as tags: the default name shows these two already
+        assert {f"schedule={local['schedule']}", f"seed={local['seed']}"} <= set(state["tags"])
         (run,) = [r["run"] for r in records(run_dir) if r["type"] == "run"]
         assert run["run_group"] == local["group"] == "sweep"
         assert run["job_type"] == "grpo"
@@ -64,6 +66,12 @@ def test_offline_runs_and_report_are_laid_out_for_comparison(tmp_path, monkeypat
         assert step_axes["kl/mean"] == step_axes["kl/beta"] == step_axes["reward/mean"] == "step"
         assert step_axes["*"] == "step"
     assert len(names) == 4
+    # the grid's console: a line per job that starts and ends, the sweep's progress, no bars
+    console = sweep_run.stdout
+    for job in range(4):
+        assert console.count(f"klsweep: job {job} started · schedule=") == 1
+        assert console.count(f"klsweep: job {job} completed · reward/final=") == 1
+    assert "4 of 4 jobs done · 4 completed · 0 running" in console and "█" not in console
 
     assert main([str(sweep), "--wandb"]) == 0
     report_dir = wandb_run_dir(sweep)

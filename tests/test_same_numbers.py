@@ -22,7 +22,8 @@ BEFORE = Path(__file__).parent / "data" / "before_seam"
 # the last commit before the policy pair and the model seam (a692530)
 BEFORE_COMMIT = "a692530^"
 COMMANDS = {
-    # kl.is_correction=false: GRPO's default before it followed TRL (README, The KL-gradient audit)
+    # kl.is_correction=false: GRPO's default before it followed TRL
+    # (docs/research/gradient-audit.md)
     "grpo": ["algo=grpo", "kl.target=0.05", "kl.is_correction=false", "steps=60"],
     # one sample per prompt (64 prompts, PPO's 64 rollouts): PPO's critic reads the hidden
     # states of the pass that scores the rollout, the same numbers as the old second pass

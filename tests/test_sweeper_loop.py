@@ -127,7 +127,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def test_a_resumed_study_ends_with_exactly_n_trials_complete_or_pruned(config_loader,
-                                                                       tmp_path):
+                                                                       tmp_path, caplog):
     space = {"kl.beta": FloatDistribution(0.001, 1.0, log=True),
              "kl.target": FloatDistribution(0.01, 0.5)}
     held = optuna.create_study(study_name="beta_target", direction="maximize",
@@ -140,11 +140,26 @@ def test_a_resumed_study_ends_with_exactly_n_trials_complete_or_pruned(config_lo
     launcher = ScriptedLauncher({4: raises(Diverged("KL 9.1 > kl.max")), 5: pruned},
                                 tmp_path)
 
-    sweep(config_loader, tmp_path, launcher, *SINGLE_OBJECTIVE, "hydra.sweeper.n_trials=5",
-          "hydra.sweeper.pruner.name=median")
+    with caplog.at_level(logging.INFO, logger="klsweep.sweep"):
+        sweep(config_loader, tmp_path, launcher, *SINGLE_OBJECTIVE, "hydra.sweeper.n_trials=5",
+              "hydra.sweeper.pruner.name=median")
 
     # two finished trials held, three more to run; the failure in between does not count
     assert launcher.numbers == [3, 4, 5, 6]
+    # a launcher that reports nothing itself: each trial's start and end, and the study's
+    # progress after each end, the held trials counted
+    lines = [record.getMessage() for record in caplog.records]
+    for number in (3, 4, 5, 6):
+        started = f"klsweep: trial {number} started · beta="
+        assert sum(line.startswith(started) for line in lines) == 1
+    assert any(line.startswith("klsweep: trial 5 PRUNED · pruned after step 5: reward/final = "
+                               "0.25 · beta=") for line in lines)
+    assert any(line.startswith("klsweep: trial 4 FAIL · KL 9.1 > kl.max · beta=") for line in lines)
+    progress = [line for line in lines if line.startswith("klsweep: study beta_target: ")
+                and " trials done · " in line]
+    assert len(progress) == 4
+    assert progress[-1].startswith("klsweep: study beta_target: 5 of 5 trials done · "
+                                   "3 COMPLETE, 2 PRUNED, 2 FAIL · 0 running · ")
     trials = study(tmp_path).trials
     assert by_state(trials) == {"COMPLETE": [0, 3, 6], "PRUNED": [1, 5], "FAIL": [2, 4]}
     # pruned, not failed, with what it reported through the storage the trial was given

@@ -183,10 +183,14 @@ def plan_resume(setting: str, run_dir: Path, settings: Mapping[str, Any]) -> Res
 
 # --- stopping cleanly -----------------------------------------------------------------------
 class GracefulStop:
-    """SIGTERM (a scheduler's preemption) and Ctrl-C end the run at the end of the current
-    step, with a checkpoint; a second Ctrl-C stops at once. Restores the handlers it found."""
+    """SIGTERM (a scheduler's preemption or requeue), SIGUSR2 (Slurm's warning that the time
+    limit is near, which submitit asks for with ``--signal=USR2@N``) and Ctrl-C end the run at
+    the end of the current step, with a checkpoint; a second Ctrl-C stops at once. Restores
+    the handlers it found."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    # SIGUSR2's default action ends the process with no checkpoint at all (Windows has none)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT,
+               *((signal.SIGUSR2,) if hasattr(signal, "SIGUSR2") else ()))
 
     def __init__(self) -> None:
         self.signal_name: str | None = None

@@ -26,7 +26,7 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # the kl node's own keys that feed every schedule (the rest come from kl.schedule.*)
 _KL_SCHEDULE_ARGS = ("beta", "target", "beta_min", "beta_max")
 
-__all__ = ["ConfigError", "build_schedule", "compose_and_validate", "validate"]
+__all__ = ["ConfigError", "build_schedule", "compose_and_validate", "settle", "validate"]
 
 
 @dataclass
@@ -55,6 +55,9 @@ class TrainerConfig:
     accelerator: str = spec(kind="choice", choices=("auto", "cpu", "gpu", "cuda", "mps"),
                             help="Lightning accelerator")
     devices: int = spec(kind="integer", ge=-1, help="devices (-1: all)")
+    num_nodes: int = spec(kind="integer", ge=1,
+                          help="machines the run spans (several: launched by srun, one task "
+                               "per device)")
     precision: str = spec(kind="choice", choices=(
         "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
         help="Lightning precision")
@@ -229,6 +232,14 @@ def validate(cfg: DictConfig) -> None:
     check_nodes(cfg, node_schemas(cfg))
 
 
+def settle(cfg: DictConfig) -> DictConfig:
+    """Write into a validated ``cfg`` the value that each ``auto`` stands for
+    (``kl.is_correction``, which the audit's table decides: ``KLConfig``), so that --help, the
+    record and W&B show what runs."""
+    cfg.kl.is_correction = from_node(KLConfig, cfg.kl).is_correction
+    return cfg
+
+
 # ---------------------------------------------------------------------------------------------
 # Checks on the command line, before Hydra creates a run dir
 
@@ -304,7 +315,7 @@ def compose_and_validate(overrides: dict[str, str], conf_dir: Path = CONF_DIR) -
             raise
     GlobalHydra.instance().clear()
     validate(cfg)
-    return cfg
+    return settle(cfg)
 
 
 def choice_config(group: str, choice: str, **overrides: Any) -> Any:

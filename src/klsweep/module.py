@@ -22,6 +22,7 @@ from klsweep.algos.common import Algorithm, StepResult
 from klsweep.checkpoint import ResumeError, any_rank, rng_state, set_rng_state
 from klsweep.errors import KLDiverged, RunFailed
 from klsweep.kl import Schedule
+from klsweep.metrics import check_row
 from klsweep.policy import PolicyPair
 from klsweep.records import JsonlLogger, log_sample_table
 from klsweep.rollout import Prompts
@@ -214,8 +215,10 @@ class KLPolicyModule(L.LightningModule):
                 log_sample_table(logger, name, rows, self.step_count)
 
     def record(self, metrics: dict[str, float]) -> None:
-        """Send one step's metrics to every logger (the progress bar reads the history)."""
+        """Send one step's metrics to every logger (the progress bar reads the history); a
+        name that ``klsweep.metrics`` does not declare stops the run."""
         row = {"step": self.step_count, **metrics}
+        check_row(row)
         self.history.append(row)
         for logger in self.loggers:
             if isinstance(logger, JsonlLogger) or self.step_count > self.logged_until:

@@ -18,6 +18,7 @@ from klsweep.engines import NativeEngine, RolloutEngine, mismatch_metrics, tis_w
 from klsweep.kl import (
     DIVERGENCES,
     ESTIMATORS,
+    forms,
     kl_estimates,
     kl_metrics,
     kl_per_token,
@@ -41,6 +42,7 @@ from klsweep.sharding import gathered
 PLACEMENTS = ("reward", "loss", "none")
 UNITS = ("token", "sequence")
 GRADIENTS = ("estimator", "k2")
+CORRECTIONS = (forms.AUTO, True, False)
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,9 @@ class KLConfig:
                      help="token: mean per token | sequence: sum per sequence")
     gradient: str = spec(kind="choice", choices=GRADIENTS,
                          help="k2: the estimator's value with k2's gradient (verl's k3+)")
-    is_correction: bool = spec(kind="bool", help="loss-placed KL times π/π_old")
+    is_correction: bool | str = spec(kind="choice", choices=CORRECTIONS,
+                                     help="loss-placed KL times π/π_old with its gradient; auto: "
+                                          "where it makes the term a reverse-KL gradient (k1, k3)")
     clamp: float = spec(kind="number", gt=0, help="log-ratio clamp before k2/k3")
     divergence: str = spec(kind="choice", choices=tuple(DIVERGENCES),
                            help="the regulariser D_f(π‖π_ref); reverse_kl: the KL")
@@ -81,13 +85,16 @@ class KLConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.reference, ReferenceSync):
             object.__setattr__(self, "reference", from_node(ReferenceSync, self.reference))
+        if self.is_correction == forms.AUTO:  # the audit's table decides (kl.forms)
+            object.__setattr__(self, "is_correction", self.divergence == "reverse_kl" and (
+                forms.default_correction(self.placement, self.estimator, self.gradient)))
 
     @staticmethod
     def check_run(cfg: Any) -> None:
         if cfg.kl.placement == "none":
             return  # nothing is penalised: the estimator only measures
         try:
-            make_divergence(cfg.kl.divergence, cfg.kl.alpha).check(cfg.kl)
+            make_divergence(cfg.kl.divergence, cfg.kl.alpha).check(from_node(KLConfig, cfg.kl))
         except ValueError as err:
             raise ConfigError(str(err)) from None
 

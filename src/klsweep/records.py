@@ -15,7 +15,6 @@ import platform
 import socket
 import threading
 import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from urllib.parse import urlsplit
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
+from klsweep.metrics import MEAN, final_keys, final_name, find
 from klsweep.schema import spec
 
 log = logging.getLogger("klsweep")
@@ -31,12 +31,8 @@ log = logging.getLogger("klsweep")
 # The share of the run, at the end, whose mean is a run's final value: a single step is too
 # noisy to rank runs by.
 FINAL_FRACTION = 0.25
-FINAL_KEYS = ("reward/mean", "reward/gold", "reward/proxy", "kl/mean", "kl/seq", "kl/to_init",
-              "kl/divergence", "kl/divergence_seq", "kl/k1", "kl/k2", "kl/k3", "kl/full",
-              "policy/entropy", "policy/distinct", "perf/tokens_per_s")
-# Keys whose final value is their last logged value: the exact task's figures are exact, not
-# noisy, and, as the held-out evaluation's, are logged only every few steps.
-LAST_VALUE_PREFIXES = ("exact/", "eval/")
+# the logged keys whose last-quarter mean summary.json keeps (klsweep.metrics declares which)
+FINAL_KEYS = final_keys(MEAN)
 
 
 class JsonlLogger(Logger):
@@ -150,24 +146,21 @@ def final_mean(rows: list[dict[str, float]], key: str,
     return float(sum(tail) / len(tail))
 
 
-def summarize(rows: list[dict[str, float]], keys: Iterable[str] = FINAL_KEYS) -> dict[str, float]:
-    """Final metrics of a run: ``X/final`` is the last-quarter mean of ``X/mean`` (and
-    ``kl/seq_final`` of ``kl/seq``, etc.); ``kl/beta_final`` is the last β; ``exact/X_final``
-    and ``eval/X_final`` are the last logged ``exact/X`` and ``eval/X``."""
+def summarize(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Final metrics of a run, as ``klsweep.metrics`` declares each: ``X/final`` is the
+    last-quarter mean of ``X/mean`` (``kl/seq_final`` of ``kl/seq``, etc.); ``kl/beta_final``
+    is the last β and ``exact/X_final`` the last logged ``exact/X``."""
     out: dict[str, float] = {}
-    for key in keys:
-        value = final_mean(rows, key)
-        if math.isnan(value):
+    for key in dict.fromkeys(key for row in rows for key in row):
+        metric = find(key)
+        if metric is None or metric.final is None:
             continue
-        group, _, leaf = key.partition("/")
-        out[f"{group}/final" if leaf == "mean" else f"{key}_final"] = value
-    for row in rows:
-        for key, value in row.items():
-            if key.startswith(LAST_VALUE_PREFIXES):
-                out[f"{key}_final"] = value
-    betas = [row["kl/beta"] for row in rows if "kl/beta" in row]
-    if betas:
-        out["kl/beta_final"] = float(betas[-1])
+        if metric.final == MEAN:
+            value = final_mean(rows, key)
+            if not math.isnan(value):  # a key that was never a number
+                out[final_name(key)] = value
+        else:
+            out[final_name(key)] = next(row[key] for row in reversed(rows) if key in row)
     return out
 
 

@@ -59,8 +59,10 @@ def check_value(key: str, value: Any, meta: dict[str, Any]) -> None:
                 and value <= meta.get("le", math.inf) and value < meta.get("lt", math.inf)):
             raise ConfigError(f"{key} must be {wanted} {got}")
     elif kind == "choice":
-        if value not in meta["choices"]:
-            allowed = ", ".join(str(c) for c in meta["choices"])
+        # by type too: 1 == True, and a choice of true/false takes no number
+        if not any(type(value) is type(c) and value == c for c in meta["choices"]):
+            allowed = ", ".join(str(c).lower() if isinstance(c, bool) else str(c)
+                                for c in meta["choices"])
             raise ConfigError(f"{key} must be one of {allowed} {got}")
     elif kind == "bool":
         if not isinstance(value, bool):
@@ -93,12 +95,12 @@ def check_node(prefix: str, node: Any, schema: type) -> None:
                 raise ConfigError(f"{prefix}.{f.name} is missing")
             continue
         check_value(f"{prefix}.{f.name}", node[f.name], dict(f.metadata))
-        inner = _dataclass_type(schema, f.type)
+        inner = dataclass_type(schema, f.type)
         if inner is not None:
             check_node(f"{prefix}.{f.name}", node[f.name], inner)
 
 
-def _dataclass_type(schema: type, annotation: Any) -> type | None:
+def dataclass_type(schema: type, annotation: Any) -> type | None:
     """The dataclass a field's annotation names (a string under ``from __future__ import
     annotations``, looked up where ``schema`` is defined); None for any other type."""
     if isinstance(annotation, str):

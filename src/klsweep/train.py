@@ -29,9 +29,10 @@ from klsweep.checkpoint import (
     plan_resume,
     run_settings,
 )
-from klsweep.config import build_schedule, validate
+from klsweep.config import build_schedule, settle, validate
 from klsweep.engines import build_engine
 from klsweep.errors import RunFailed
+from klsweep.metrics import check_summary
 from klsweep.models import build_models, default_lr, export_policy, load_tokenizer
 from klsweep.module import KLPolicyModule
 from klsweep.policy import KLConfig, PolicyPair
@@ -49,6 +50,8 @@ from klsweep.records import (
 )
 from klsweep.schema import from_node
 from klsweep.sharding import is_sharded
+from klsweep.swept import SweepJob, run_tags
+from klsweep.swept import run_name as name_with_values
 from klsweep.tasks import Task, build_task
 from klsweep.tracking import run_tracking
 from klsweep.trainer import trainer_arguments
@@ -56,8 +59,17 @@ from klsweep.trainer import trainer_arguments
 log = logging.getLogger("klsweep")
 
 
-def run_name(cfg: DictConfig) -> str:
-    return cfg.name or f"{cfg.algo.name}-{cfg.kl.estimator}-{cfg.kl.schedule.name}-s{cfg.seed}"
+# the keys that the default name shows: a sweep over them adds nothing more to it
+NAMED_KEYS = ("algo", "estimator", "kl.estimator", "schedule", "seed")
+
+
+def run_name(cfg: DictConfig, sweep: SweepJob | None = None) -> str:
+    """``name``, else ``algo-estimator-schedule-s<seed>`` followed, in a sweep, by the swept
+    values that this does not show (``grpo-k1-fixed-s0 divergence=js beta=0.1``)."""
+    if cfg.name:
+        return cfg.name
+    base = f"{cfg.algo.name}-{cfg.kl.estimator}-{cfg.kl.schedule.name}-s{cfg.seed}"
+    return name_with_values(base, sweep.values, NAMED_KEYS) if sweep else base
 
 
 def optim_settings(cfg: DictConfig) -> DictConfig:
@@ -87,15 +99,16 @@ def build_module(cfg: DictConfig, task: Task | None = None,
                           optim=optim_settings(cfg), kl_target=cfg.kl.target, kl_max=cfg.kl.max)
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path, group: str | None,
+def build_loggers(cfg: DictConfig, run_dir: Path, sweep: SweepJob | None,
                   run_id: str) -> list[Logger]:
-    """The local record, and the experiment logger that ``logger._target_`` names."""
+    """The local record, and the experiment logger that ``logger._target_`` names: in a
+    sweep, its W&B run is in the sweep's group and tagged with the swept values too."""
     loggers: list[Logger] = [JsonlLogger(run_dir / "metrics.jsonl")]
     if cfg.logger.get("_target_") is not None:
-        run = RunIdentity(run_dir=run_dir, run_id=run_id, name=run_name(cfg), group=group,
-                          job_type=cfg.algo.name,
-                          tags=[cfg.algo.name, cfg.kl.estimator, cfg.kl.schedule.name,
-                                cfg.task.name],
+        tags = [cfg.algo.name, cfg.kl.estimator, cfg.kl.schedule.name, cfg.task.name]
+        run = RunIdentity(run_dir=run_dir, run_id=run_id, name=run_name(cfg, sweep),
+                          group=sweep.group if sweep else None, job_type=cfg.algo.name,
+                          tags=tags + run_tags(sweep.values) if sweep else tags,
                           config=OmegaConf.to_container(cfg, resolve=True))
         loggers.append(instantiate(cfg.logger).build(run))
     return loggers
@@ -109,9 +122,10 @@ def prepare_to_fork(cfg: DictConfig) -> None:
         start_wandb_service()
 
 
-def build_callbacks(cfg: DictConfig, checkpoints: RunCheckpoint) -> list[Callback]:
+def build_callbacks(cfg: DictConfig, checkpoints: RunCheckpoint,
+                    progress_bar: bool) -> list[Callback]:
     callbacks: list[Callback] = [checkpoints]
-    if cfg.trainer.enable_progress_bar:
+    if progress_bar:
         callbacks.append(StepProgressBar())
     if cfg.trial.storage:  # a trial of an Optuna sweep: report to its pruner
         from klsweep.pruning import TrialPruning
@@ -137,11 +151,14 @@ def continue_record(module: KLPolicyModule, run_dir: Path, resume: Resume,
     module.logged_until = last if resume.checkpoint is not None else -1
 
 
-def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str, Any]:
+def train(cfg: DictConfig, run_dir: Path, sweep: SweepJob | None = None) -> dict[str, Any]:
     """Fit the configured run in ``run_dir``, resuming it as ``resume`` says; return the
     summary (also in summary.json). A run that fails or is interrupted writes its summary
-    with the reason and raises; a completed run dir is not trained again."""
+    with the reason and raises; a completed run dir is not trained again. A job of a
+    ``sweep`` is named and tagged by its swept values and draws no progress bar: jobs running
+    at once share the console, where the sweep prints a line per job instead."""
     validate(cfg)
+    settle(cfg)
     started = time.perf_counter()
     rank_zero = rank_zero_only.rank == 0  # Lightning's DDP ranks > 0 run this too
     settings = run_settings(OmegaConf.to_container(cfg, resolve=True))
@@ -163,15 +180,17 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
     continue_record(module, run_dir, resume, rank_zero)
     saved = resume.checkpoint["klsweep"] if resume.checkpoint is not None else {}
     run_id = wandb_run_id(run_dir, saved.get("wandb_id")) if rank_zero else ""
-    loggers = build_loggers(cfg, run_dir, group, run_id) if rank_zero else []
+    loggers = build_loggers(cfg, run_dir, sweep, run_id) if rank_zero else []
     stop = GracefulStop()
     checkpoints = RunCheckpoint(run_dir, cfg.checkpoint.every, stop,
                                 {"settings": settings, "wandb_id": run_id}, resume)
+    progress_bar = cfg.trainer.enable_progress_bar and sweep is None
     trainer = L.Trainer(
-        max_epochs=1, logger=loggers or False, callbacks=build_callbacks(cfg, checkpoints),
+        max_epochs=1, logger=loggers or False,
+        callbacks=build_callbacks(cfg, checkpoints, progress_bar),
         default_root_dir=run_dir, enable_model_summary=False, num_sanity_val_steps=0,
         enable_checkpointing=False, log_every_n_steps=1,
-        **trainer_arguments(cfg.trainer, module.policy))
+        **{**trainer_arguments(cfg.trainer, module.policy), "enable_progress_bar": progress_bar})
     # the handlers stay until the record is written: a forked job of a killed sweep gets
     # SIGTERM once per thread of its dying parent (Linux reparents it to each in turn), and
     # a second one after fit must not end the process before summary.json exists
@@ -210,7 +229,7 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
         # this invocation's throughput: a resumed run's earlier steps ran in another process
         tokens = sum(row.get("perf/tokens", 0.0) for row in history[resume.step:])
         summary: dict[str, Any] = {
-            "status": status, "reason": reason, "name": run_name(cfg),
+            "status": status, "reason": reason, "name": run_name(cfg, sweep),
             "algo": cfg.algo.name, "estimator": cfg.kl.estimator,
             "schedule": cfg.kl.schedule.name, "placement": cfg.kl.placement,
             "divergence": cfg.kl.divergence, "task": cfg.task.name,
@@ -223,9 +242,11 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
             # the figure β steers: the configured divergence (the KL's kl/seq and kl/mean again)
             **run_tracking(history, cfg.kl.target,
                            "kl/divergence_seq" if cfg.kl.unit == "sequence" else "kl/divergence"),
-            "group": cfg.logger.get("group") or group,
+            "group": cfg.logger.get("group") or (sweep.group if sweep else None),
+            "swept": sweep.values if sweep else {},
             "run_dir": str(run_dir), "versions": versions(),
         }
+        check_summary(summary)
         for logger in loggers:
             if isinstance(logger, WandbLogger):
                 logger.experiment.summary.update(

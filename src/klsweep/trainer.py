@@ -1,13 +1,16 @@
 """The Lightning ``Trainer`` arguments of the trainer group, with the strategy that needs the
 model: ``trainer=fsdp`` shards each decoder layer of the policy in its own FSDP unit (and, on
-request, checkpoints its activations); the module applies the plan (``klsweep.sharding``)."""
+request, checkpoints its activations); the module applies the plan (``klsweep.sharding``).
+Under ``srun`` the ranks are Slurm's tasks, through Lightning's SLURM environment."""
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import OmegaConf
 from torch import nn
@@ -19,6 +22,7 @@ from klsweep.sharding import (
     shard_model,
     unsharded_trainable,
 )
+from klsweep.slurm import step_tasks, tasks_per_node
 
 
 def decoder_layer_classes(policy: nn.Module) -> set[type[nn.Module]]:
@@ -96,6 +100,22 @@ class FullyShardedStrategy(ModelParallelStrategy):
             scatter_optimizer_state(self.model, optimizer, state)
 
 
+def slurm_environment() -> SLURMEnvironment | None:
+    """Lightning's SLURM environment for a run that is a Slurm job step (``srun``), with its
+    requeue on SIGUSR1 off: klsweep's own checkpoint resumes a requeued run, and Lightning's
+    (the whole module, saved on that signal) would be loaded over it by the next fit.
+    Lightning refuses ``srun --ntasks=N`` without ``--ntasks-per-node`` (which says how many
+    tasks each node runs): where Slurm spread the tasks evenly, SLURM_TASKS_PER_NODE says it,
+    and is passed on as ``SLURM_NTASKS_PER_NODE``."""
+    if step_tasks() is None:
+        return None
+    if "SLURM_NTASKS_PER_NODE" not in os.environ:
+        per_node = tasks_per_node()
+        if per_node is not None:
+            os.environ["SLURM_NTASKS_PER_NODE"] = str(per_node)
+    return SLURMEnvironment(auto_requeue=False)
+
+
 def trainer_arguments(trainer_cfg: Any, policy: nn.Module) -> dict[str, Any]:
     """Keyword arguments of ``lightning.Trainer`` for the trainer node."""
     args = OmegaConf.to_container(trainer_cfg, resolve=True)
@@ -103,4 +123,7 @@ def trainer_arguments(trainer_cfg: Any, policy: nn.Module) -> dict[str, Any]:
     if args["strategy"] == "fsdp":
         args["strategy"] = FullyShardedStrategy(decoder_layer_classes(policy),
                                                 activation_checkpointing)
+    environment = slurm_environment()
+    if environment is not None:
+        args["plugins"] = [environment]
     return args

@@ -22,6 +22,7 @@ from hydra.errors import CompactHydraException
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
+from hydra_plugins.klsweep_local._events import JobEvents
 from hydra_plugins.klsweep_local._placement import DeviceSlot
 from klsweep.errors import RunInterrupted
 from klsweep.train import prepare_to_fork
@@ -78,9 +79,11 @@ def prepare_parent(config: DictConfig) -> None:
 
 def run_forked(job_overrides: Sequence[Sequence[str]], initial_job_idx: int, *, n_jobs: int,
                hydra_context: HydraContext, task_function: TaskFunction,
-               config: DictConfig, slots: Sequence[DeviceSlot] = ()) -> list[JobReturn]:
-    """Run every job, ``n_jobs`` at once; the results in the jobs' order. With GPU ``slots``
-    (at least ``n_jobs`` of them) each job runs on a free slot's GPUs, its only visible ones.
+               config: DictConfig, events: JobEvents,
+               slots: Sequence[DeviceSlot] = ()) -> list[JobReturn]:
+    """Run every job, ``n_jobs`` at once; the results in the jobs' order, each also told to
+    ``events`` as the job ends (and its start as it starts). With GPU ``slots`` (at least
+    ``n_jobs`` of them) each job runs on a free slot's GPUs, its only visible ones.
 
     SIGTERM sent to this process is passed on to the running jobs (each stops after its step
     with a checkpoint, as a run does); Ctrl-C reaches them from the terminal by itself. After
@@ -101,6 +104,7 @@ def run_forked(job_overrides: Sequence[Sequence[str]], initial_job_idx: int, *, 
                 process.start()
                 writer.close()  # the child holds the only writer: its exit ends the pipe
                 running[reader] = (idx, overrides, process, slot)
+                events.started(idx, overrides)
             if stopped and pending:
                 for idx, overrides in pending:
                     results[idx] = _not_started(overrides, stopped[0])
@@ -112,6 +116,7 @@ def run_forked(job_overrides: Sequence[Sequence[str]], initial_job_idx: int, *, 
                 results[idx] = _receive(reader, process, overrides)
                 if slot is not None:
                     free.append(slot)
+                events.finished(idx, overrides, results[idx])
     return [results[idx] for idx in sorted(results)]
 
 

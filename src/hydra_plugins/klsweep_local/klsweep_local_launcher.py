@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from hydra.core.utils import JobReturn, configure_log, filter_overrides, setup_globals
+from hydra.core.utils import JobReturn, configure_log, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
@@ -21,7 +21,10 @@ class KLSweepLocalLauncher(Launcher):
     A fork starts a job with everything this process has imported (torch, Lightning, the
     task): a trial begins training at once, where a fresh interpreter (joblib's workers,
     submitit) spends seconds importing. Each job still gets a process of its own, so one
-    job's globals, signal handlers and crashes never reach another."""
+    job's globals, signal handlers and crashes never reach another.
+
+    Each job's start and end is told to ``job_events``, which a sweeper that reports its
+    trials sets (klsweep_optuna); left None, the launcher prints a line per job itself."""
 
     def __init__(self, n_jobs: int | None = None, gpus: Sequence[int | str] | None = None,
                  trials_per_gpu: int = 1) -> None:
@@ -34,6 +37,7 @@ class KLSweepLocalLauncher(Launcher):
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
+        self.job_events = None  # a sweeper's JobEvents (see _events)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
               config: DictConfig) -> None:
@@ -67,6 +71,7 @@ class KLSweepLocalLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]],
                initial_job_idx: int) -> Sequence[JobReturn]:
+        from hydra_plugins.klsweep_local._events import GridLines
         from hydra_plugins.klsweep_local._forked import prepare_parent, run_forked
 
         assert self.config is not None and self.hydra_context is not None
@@ -74,11 +79,13 @@ class KLSweepLocalLauncher(Launcher):
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        at_once = min(self.n_jobs, len(job_overrides))
-        log.info(f"Launching {len(job_overrides)} jobs, {at_once} at a time, each in a forked "
-                 f"process")
-        for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
-            log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+        events = self.job_events
+        if events is None:  # a sweeper that reports nothing itself: a line per job from here
+            events = GridLines(self.config, len(job_overrides))
+            at_once = min(self.n_jobs, len(job_overrides))
+            varied = ", ".join(events.keys) or "nothing"
+            log.info(f"klsweep: sweep {self.config.hydra.sweep.dir}: {len(job_overrides)} "
+                     f"jobs, {at_once} at a time, each in a forked process; varied: {varied}")
         if self.slots:
             log.info(f"GPU slots: {' | '.join(','.join(slot) for slot in self.slots)}")
         if not self.prepared:
@@ -86,7 +93,7 @@ class KLSweepLocalLauncher(Launcher):
             self.prepared = True
         return run_forked(job_overrides, initial_job_idx, n_jobs=self.n_jobs,
                           hydra_context=self.hydra_context, task_function=self.task_function,
-                          config=self.config, slots=self.slots)
+                          config=self.config, events=events, slots=self.slots)
 
 
 def _exit_with(message: str) -> None:

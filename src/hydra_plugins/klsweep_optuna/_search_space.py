@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from optuna.distributions import (
 )
 
 from hydra_plugins.klsweep_optuna._errors import SweepConfigError
+from klsweep.swept import flatten_params
 
 
 @dataclass(frozen=True)
@@ -67,17 +68,6 @@ def parse_search_space(params: Mapping[str, Any], arguments: Sequence[str],
             distributions.pop(key, None)
             fixed[key] = override.input_line
     return SearchSpace(distributions, list(fixed.values()))
-
-
-def flatten_params(params: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted key, value) pairs: ``params.kl.beta=...`` on the command line nests ``beta``
-    under ``kl``, while a YAML preset writes the key ``kl.beta`` whole; both mean kl.beta."""
-    for key, value in params.items():
-        full = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            yield from flatten_params(value, prefix=f"{full}.")
-        else:
-            yield full, value
 
 
 def _parse(parser: OverridesParser, line: str, source: str) -> Override:

@@ -1,6 +1,10 @@
 """The sweep loop: check everything, open (or resume) the study, then ask a batch of trials,
 launch it, tell each trial its result, until the study holds ``n_trials`` COMPLETE or PRUNED
-trials; finally write trials.csv and best.yaml / pareto.yaml and print the best trials."""
+trials; finally write trials.csv and best.yaml / pareto.yaml and print the best trials.
+
+The console shows a line per trial that starts and ends (with its objectives, or why it failed
+or was pruned) and the study's progress after each end; with klsweep_local each as it happens,
+with another launcher as the batch is launched and as it returns."""
 
 from __future__ import annotations
 
@@ -51,6 +55,7 @@ from hydra_plugins.klsweep_optuna._study import (
 )
 from klsweep.budget import constraint_values
 from klsweep.pruning import SWEEP_ATTR, make_pruner
+from klsweep.swept import SweepClock, event_line, failure_reason
 
 log = logging.getLogger("klsweep.sweep")
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep prints its own line per trial
@@ -63,6 +68,12 @@ class OptunaSweep:
         self.config_loader = hydra_context.config_loader
         self.job_index = 0
         self.trial_ids: dict[int, int] = {}  # trial number -> the storage's trial id
+        self.launched: dict[int, Trial] = {}  # Hydra's job index -> the trial it runs, till it ends
+        self.failures = 0
+        self.interrupted: list[int] = []  # trials stopped by SIGTERM or Ctrl-C: queued again
+        self.clock = SweepClock()
+        if hasattr(launcher, "job_events"):  # klsweep_local: each job as it starts and ends
+            launcher.job_events = self
 
     # --- before any trial ---------------------------------------------------------------
     def plan(self, arguments: Sequence[str]) -> None:
@@ -87,7 +98,8 @@ class OptunaSweep:
         check_params(self.space, self.config, self.config_loader)
         self.n_trials = s.n_trials if self.grid is None else min(s.n_trials, len(self.grid))
         self.max_failures = s.max_failures or s.n_trials
-        at_once = getattr(self.launcher, "n_jobs", None)  # klsweep_local's, resolved
+        # klsweep_local's n_jobs, resolved; submitit_slurm's array_parallelism
+        at_once = getattr(self.launcher, "n_jobs", None)
         self.batch_size = s.n_jobs or (at_once if isinstance(at_once, int) and at_once > 0 else 1)
         self.sweep_dir = Path(self.config.hydra.sweep.dir).resolve()
         self.storage_url: StorageURL = study_storage(
@@ -139,15 +151,13 @@ class OptunaSweep:
     # --- the loop -------------------------------------------------------------------------
     def run(self, arguments: Sequence[str]) -> list[Sequence[JobReturn]]:
         self.plan(arguments)
-        study = self.open_study()
-        done = count(study, DONE)
-        log.info(f"klsweep: study {self.study_name} ({self.storage_url.shown}): {done} of "
-                 f"{self.n_trials} trials done; {len(self.space.distributions)} params, "
-                 f"objectives {', '.join(f'{k} ({v})' for k, v in self.objectives.items())}")
+        study = self.study = self.open_study()
+        log.info(f"klsweep: study {self.study_name} ({self.storage_url.shown}): "
+                 f"{self.trials_done(study)} of {self.n_trials} trials done; searching "
+                 f"{', '.join(self.space.distributions) or 'nothing'}; objectives "
+                 f"{', '.join(f'{k} ({v})' for k, v in self.objectives.items())}")
         returns: list[Sequence[JobReturn]] = []
-        failures = 0
-        interrupted: list[int] = []
-        while failures < self.max_failures and not interrupted:
+        while self.failures < self.max_failures and not self.interrupted:
             fail_stale_trials(study)
             if count(study, DONE) >= self.n_trials or self.grid_finished(study):
                 break
@@ -159,36 +169,33 @@ class OptunaSweep:
             batch = self.claim(study, [self.ask(study) for _ in range(wanted)])
             if not batch:
                 continue
-            results = self.launch(batch)
-            returns.append(results)
-            for trial, result in zip(batch, results, strict=True):
-                if self.tell(study, trial, result) != TrialState.FAIL:
-                    continue
-                if getattr(result._return_value, "status", None) == "interrupted":
-                    self.requeue(study, trial)
-                    interrupted.append(trial.number)
-                else:
-                    failures += 1
+            returns.append(self.launch(batch))
         self.write_results(study)
-        if interrupted:
+        if self.interrupted:
             raise SweepStopped(f"klsweep: sweep interrupted (trial "
-                               f"{', '.join(map(str, interrupted))} stopped with a checkpoint); "
-                               f"the same command resumes it")
-        if failures >= self.max_failures:
-            raise SweepStopped(f"klsweep: sweep stopped after {failures} failed trials "
+                               f"{', '.join(map(str, self.interrupted))} stopped with a "
+                               f"checkpoint); the same command resumes it")
+        if self.failures >= self.max_failures:
+            raise SweepStopped(f"klsweep: sweep stopped after {self.failures} failed trials "
                                f"(hydra.sweeper.max_failures={self.max_failures}); see "
                                f"{self.sweep_dir / 'trials.csv'}")
         return returns
 
+    def trials_done(self, study: optuna.Study) -> int:
+        """The trials that count toward n_trials: COMPLETE and PRUNED ones; in a grid, the
+        points that have a finished trial."""
+        return count(study, DONE) if self.grid is None else self.points_done(study)
+
     def grid_finished(self, study: optuna.Study) -> bool:
-        """A grid is done once every point has a finished trial, failed ones included: the
-        grid sampler does not draw a point twice."""
-        if self.grid is None:
-            return False
+        return self.grid is not None and self.points_done(study) == len(self.grid)
+
+    def points_done(self, study: optuna.Study) -> int:
+        """The grid's points that have a finished trial, failed ones included: the grid
+        sampler does not draw a point twice, so a grid is done once every point is."""
         keys = list(self.space.distributions)
         finished = {tuple(t.params.get(k) for k in keys) for t in study.get_trials(
             deepcopy=False, states=(*DONE, TrialState.FAIL))}
-        return all(point in finished for point in self.grid)
+        return sum(point in finished for point in self.grid or ())
 
     def ask(self, study: optuna.Study) -> Trial:
         with warnings.catch_warnings():
@@ -241,11 +248,40 @@ class OptunaSweep:
                  f"hydra.sweep.subdir={self.run_dir_number(trial)}"]
                 for trial in batch]
         ids = [self.trial_ids[trial.number] for trial in batch]
+        self.launched = {self.job_index + i: trial for i, trial in enumerate(batch)}
         os.environ.update(self.storage_url.trial_env)  # before any launcher starts a process
+        if not hasattr(self.launcher, "job_events"):  # a launcher that reports nothing
+            for idx, job in zip(self.launched, jobs, strict=True):
+                self.started(idx, job)
         with Heartbeat(self.storage, ids, self.settings.heartbeat_interval):
             results = self.launcher.launch(jobs, initial_job_idx=self.job_index)
+        indices = range(self.job_index, self.job_index + len(jobs))
+        for idx, job, result in zip(indices, jobs, results, strict=True):
+            if idx in self.launched:  # not told yet: the launcher returned it only now
+                self.finished(idx, job, result)
         self.job_index += len(jobs)
         return results
+
+    # --- each trial as it starts and ends (klsweep_local's JobEvents) -----------------------
+    def started(self, idx: int, overrides: Sequence[str]) -> None:
+        trial = self.launched[idx]
+        log.info(event_line("trial", trial.number, "started", values=trial.params))
+
+    def finished(self, idx: int, overrides: Sequence[str], result: JobReturn) -> None:
+        """Tell the study what the trial's run returned, queue an interrupted trial again, and
+        show the study's progress."""
+        trial = self.launched.pop(idx)
+        self.clock.job_ended()
+        if self.tell(self.study, trial, result) == TrialState.FAIL:
+            if getattr(result._return_value, "status", None) == "interrupted":
+                self.requeue(self.study, trial)
+                self.interrupted.append(trial.number)
+            else:
+                self.failures += 1
+        counts = {state.name: count(self.study, (state,))
+                  for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+        log.info(f"klsweep: study {self.study_name}: " + self.clock.progress(
+            self.trials_done(self.study), self.n_trials, len(self.launched), counts, "trials"))
 
     def tell(self, study: optuna.Study, trial: Trial, result: JobReturn) -> TrialState:
         """Record what the run returned: its objectives, PRUNED, or FAIL with the reason."""
@@ -264,9 +300,7 @@ class OptunaSweep:
             error = result._return_value  # the exception the run raised
             pruned = isinstance(error, optuna.TrialPruned)
             state = TrialState.PRUNED if pruned else TrialState.FAIL
-            reason = str(error) if pruned or hasattr(error, "status") \
-                else f"{type(error).__name__}: {error}"
-            reason = reason.splitlines()[0] if reason else type(error).__name__
+            reason = failure_reason(error)
             trial.set_user_attr("status", getattr(error, "status", state.name.lower()))
         if reason is not None:
             trial.set_user_attr("reason", reason)
@@ -275,8 +309,7 @@ class OptunaSweep:
             f"{k}={v:.4g}" for k, v in zip(self.objectives, values, strict=True))
         if values is not None and self.constraints:
             shown += " infeasible" if any(v > 0 for v in constraints.values()) else " feasible"
-        params = " ".join(override_string(k, v) for k, v in trial.params.items())
-        log.info(f"klsweep: trial {trial.number} {state.name} · {shown} · {params}")
+        log.info(event_line("trial", trial.number, state.name, shown, trial.params))
         return state
 
     # --- after the loop ---------------------------------------------------------------------

@@ -85,7 +85,7 @@ class DPOConfig:
     kl_is_correction: bool = spec(kind="bool", help="DPO's (unused: no KL term) kl.is_correction")
     loss: str = spec(kind="choice", choices=LOSSES, help="the preference loss (TRL loss_type)")
     label_smoothing: float = spec(kind="number", ge=0, lt=0.5,
-                                  help="ε: cDPO for sigmoid, the known flip rate for robust")
+                                  help="ε: robust's known flip rate; sigmoid: cDPO (not TRL 1.16)")
     ipo_normalize: bool = spec(kind="bool", help="ipo on the per-token mean log-ratio (TRL)")
     labels: str = spec(kind="choice", choices=LABELS, help="how pairs are labelled from rewards")
     ties: str = spec(kind="choice", choices=TIES,

@@ -85,9 +85,12 @@ def dpo_loss(chosen_logratio: Tensor, rejected_logratio: Tensor, beta: float,
     * ``hinge`` (SLiC, Zhao et al. 2023): ``max(0, 1 − β·h)``.
 
     For ``sigmoid``, ``ipo`` and ``hinge``, ε treats each label as flipped with probability
-    ε, ``(1−ε)·ℓ(h) + ε·ℓ(−h)``: for ``sigmoid`` this is conservative DPO (Mitchell 2023,
-    TRL's ``label_smoothing``, which TRL reads for ``sigmoid`` and ``robust`` only: its ipo
-    and hinge ignore it). Returns (losses, chosen rewards, rejected rewards) with the
+    ε, ``(1−ε)·ℓ(h) + ε·ℓ(−h)``: for ``sigmoid`` this is conservative DPO (Mitchell 2023; the
+    smoothing older TRL applied to ``sigmoid``). That is klsweep's reading, not TRL 1.16's:
+    its ``sigmoid`` ignores ``label_smoothing`` (read by ``robust``, ``exo_pair`` and ``aot``
+    only), so with ε > 0 the sigmoid loss here is cDPO and TRL's is plain DPO; with ε = 0 the
+    f-DPO losses equal TRL 1.16's ``DPOTrainer`` loss to 1e-7 on identical log-probs.
+    Returns (losses, chosen rewards, rejected rewards) with the
     implicit rewards ``β·log π/π_ref`` detached (TRL's, whatever the divergence)."""
     check_f_dpo_loss(loss_type, divergence.name)
     h = divergence.pair_score(chosen_logratio) - divergence.pair_score(rejected_logratio)

@@ -23,7 +23,7 @@ from klsweep.algos.common import (
     sequence_kl_coefficient,
 )
 from klsweep.kl import ESTIMATORS, masked_sum
-from klsweep.policy import PLACEMENTS, PolicyPair
+from klsweep.policy import CORRECTIONS, PLACEMENTS, PolicyPair
 from klsweep.rollout import Prompts
 from klsweep.schema import spec
 from klsweep.tasks.base import Task
@@ -38,7 +38,8 @@ class GRPOConfig:
     name: str = spec(kind="choice", choices=("grpo",), help="the algorithm")
     kl_placement: str = spec(kind="choice", choices=PLACEMENTS, help="GRPO's kl.placement")
     kl_estimator: str = spec(kind="choice", choices=ESTIMATORS, help="GRPO's kl.estimator")
-    kl_is_correction: bool = spec(kind="bool", help="GRPO's kl.is_correction")
+    kl_is_correction: bool | str = spec(kind="choice", choices=CORRECTIONS,
+                                        help="GRPO's kl.is_correction (auto: the audit's table)")
     prompts_per_step: int = spec(kind="integer", ge=1, help="prompts per rollout")
     group_size: int = spec(kind="integer", ge=2, help="completions per prompt (G)")
     scale_rewards: str = spec(kind="choice", choices=SCALE_REWARDS,

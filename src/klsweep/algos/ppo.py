@@ -27,7 +27,7 @@ from klsweep.algos.common import (
     sequence_kl_coefficient,
 )
 from klsweep.kl import ESTIMATORS, masked_mean
-from klsweep.policy import PLACEMENTS, PolicyPair
+from klsweep.policy import CORRECTIONS, PLACEMENTS, PolicyPair
 from klsweep.rollout import Prompts
 from klsweep.schema import ConfigError, spec
 from klsweep.tasks.base import Task
@@ -40,7 +40,8 @@ class PPOConfig:
     name: str = spec(kind="choice", choices=("ppo",), help="the algorithm")
     kl_placement: str = spec(kind="choice", choices=PLACEMENTS, help="PPO's kl.placement")
     kl_estimator: str = spec(kind="choice", choices=ESTIMATORS, help="PPO's kl.estimator")
-    kl_is_correction: bool = spec(kind="bool", help="PPO's kl.is_correction")
+    kl_is_correction: bool | str = spec(kind="choice", choices=CORRECTIONS,
+                                        help="PPO's kl.is_correction (auto: the audit's table)")
     prompts_per_step: int = spec(kind="integer", ge=1, help="prompts per rollout")
     samples_per_prompt: int = spec(kind="integer", ge=1, help="completions per prompt")
     ppo_epochs: int = spec(kind="integer", ge=1, help="passes over each rollout")

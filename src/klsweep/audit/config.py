@@ -9,9 +9,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from klsweep.config import CONF_DIR, check_overrides, validate
+from klsweep.kl.forms import TARGETS
 from klsweep.schema import ConfigError, check_node, check_value, spec
 
-TARGETS = ("reverse_kl", "reverse_kl_myopic", "forward_kl")
 METHODS = ("auto", "monte_carlo")
 # algo name -> its key for optimizer steps on one batch (audit.staleness)
 INNER_UPDATES = {"grpo": "updates_per_rollout", "ppo": "ppo_epochs"}
@@ -32,6 +32,7 @@ class AuditConfig:
     seed: int = spec(kind="integer", ge=0, help="seed of the audit's own draws")
     method: str = spec(kind="choice", choices=METHODS,
                        help="auto: enumeration on the exact task, else Monte Carlo")
+    refused: bool = spec(kind="bool", help="also the forms training refuses (kl.forms' evidence)")
 
     @staticmethod
     def check(cfg: DictConfig) -> None:

@@ -11,16 +11,14 @@ minimise (β dropped), the KL's share of the training loss's gradient.
 from __future__ import annotations
 
 import copy
-import itertools
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-from klsweep.kl import ESTIMATORS, full_kl, masked_sum
-from klsweep.kl.divergences import ReverseKL
+from klsweep.kl import forms, full_kl, masked_sum
 from klsweep.kl.f_terms import sum_after
-from klsweep.policy import GRADIENTS, UNITS, PolicyPair
+from klsweep.policy import UNITS, PolicyPair
 
 
 @dataclass(frozen=True)
@@ -35,22 +33,12 @@ class Variant:
     unit: str
 
 
-def variants() -> list[Variant]:
-    """Every combination training accepts (the reverse KL's own check decides). In the
-    reward ``kl.gradient`` and ``kl.is_correction`` act on nothing (the penalty is a detached
-    number), so the reward rows are one per estimator and unit."""
-    rows = [Variant(e, "reward", "estimator", False, u) for u in UNITS for e in ESTIMATORS]
-    rows += [Variant(e, "loss", g, c, u) for u in UNITS
-             for e, g, c in itertools.product(ESTIMATORS, GRADIENTS, (False, True))]
-    return [v for v in rows if _accepted(v)]
-
-
-def _accepted(variant: Variant) -> bool:
-    try:
-        ReverseKL().check(variant)
-    except ValueError:
-        return False
-    return True
+def variants(refused: bool = False) -> list[Variant]:
+    """A row per form of the audit's table (``kl.forms``) and unit: every form training
+    accepts, and with ``refused`` the forms it refuses too (the table's evidence)."""
+    chosen = forms.FOLLOWS if refused else forms.accepted_forms()
+    return [Variant(f.estimator, f.placement, f.gradient, f.is_correction, u)
+            for u in UNITS for f in chosen]
 
 
 @dataclass

@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("estimator", "placement", "gradient", "is_correction", "unit", "target",
-           "rel_bias", "cosine", "variance", "mse_at_batch")
+COLUMNS = ("estimator", "placement", "gradient", "is_correction", "unit", "follows", "accepted",
+           "target", "rel_bias", "cosine", "variance", "mse_at_batch")
 FIGURES = ("rel_bias", "cosine", "variance", "mse_at_batch")
 
 

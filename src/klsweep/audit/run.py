@@ -26,7 +26,8 @@ from klsweep.audit.gradients import (
 )
 from klsweep.audit.measure import Figures, exact_figures, sampled_figures
 from klsweep.audit.sampling import enumerate_batch, sampled_groups
-from klsweep.kl import masked_sum
+from klsweep.kl import forms, masked_sum
+from klsweep.kl.forms import Form
 from klsweep.module import KLPolicyModule
 from klsweep.tasks.exact import ExactTask
 
@@ -111,7 +112,7 @@ def audit(cfg: DictConfig, config: AuditConfig) -> dict[str, Any]:
         targets = {name: _group_means(lambda b, n=name: target(n, b), groups)
                    for name in config.targets}
     rows = []
-    for variant in (v for v in variants() if v.unit == "sequence"):
+    for variant in (v for v in variants(config.refused) if v.unit == "sequence"):
         group_means = _group_means(lambda b, v=variant: estimated(pair, v, b), groups)
         mean = enumerated(estimated(pair, variant, batch)) if exact else None
         for name, target_grad in targets.items():
@@ -146,7 +147,11 @@ def _row(variant: Variant, target_name: str, figures: Figures,
     """A table row. The token unit divides the term and the target by the mean completion
     length (per token, as kl/mean): the direction, rel_bias, cosine and relative MSE stay,
     the variance scales by 1/length²."""
-    row: dict[str, Any] = {**asdict(variant), "target": target_name, **asdict(figures)}
+    form = Form(variant.placement, variant.estimator, variant.gradient, variant.is_correction)
+    row: dict[str, Any] = {**asdict(variant), "target": target_name,
+                           "follows": forms.follows(form) or "none",
+                           "accepted": forms.breaking_correction(form) is None,
+                           **asdict(figures)}
     if variant.unit == "token":
         row["variance"] /= mean_length ** 2
         row["variance_se"] /= mean_length ** 2

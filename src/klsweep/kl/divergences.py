@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from klsweep.kl import f_terms
+from klsweep.kl import f_terms, forms
 from klsweep.kl.estimators import kl_penalty_per_token, kl_per_token
 
 LOG_2 = math.log(2.0)
@@ -81,9 +81,9 @@ class Divergence:
             raise ValueError(f"kl.gradient={kl.gradient} is a reverse-KL option "
                              f"(kl.divergence={self.name} allows: estimator)")
         if kl.is_correction and kl.placement == "loss":  # in the reward it acts on nothing
-            raise ValueError(f"kl.is_correction is a reverse-KL option of a loss-placed KL, "
-                             f"true by default with algo=grpo (kl.divergence={self.name} "
-                             f"needs kl.is_correction=false)")
+            raise ValueError(f"kl.is_correction=true is a reverse-KL option of a loss-placed "
+                             f"KL (kl.divergence={self.name} needs kl.is_correction=false, "
+                             f"or auto)")
 
     def _terms(self, kl: Any, logits: Tensor | None, ref_logits: Tensor | None) -> dict:
         return {"unit": kl.unit, "estimator": kl.estimator, "logits": logits,
@@ -143,15 +143,13 @@ class ReverseKL(Divergence):
         return log_u
 
     # The KL keeps klsweep's estimators and options (DESIGN §4): every one means something
-    # for it, and its chain rule makes the token and sequence units one divergence.
+    # for it, and its chain rule makes the token and sequence units one divergence. What it
+    # refuses, the audit's table (kl.forms) says: a correction that breaks a KL's gradient.
     def check(self, kl: Any) -> None:
-        if kl.placement == "loss" and kl.gradient == "k2" and kl.is_correction:
-            # each alone gives the loss term k2's gradient, the per-position reverse KL's;
-            # together ∇(ρ·k) adds k·∇log π to it (k1: twice the target; the audit measures it)
-            raise ValueError("kl.gradient=k2 with kl.is_correction=true corrects the loss-placed "
-                             "KL twice and follows no KL's gradient (true by default with "
-                             "algo=grpo); keep one: kl.is_correction=false or "
-                             "kl.gradient=estimator")
+        reason = forms.breaking_correction(forms.Form(kl.placement, kl.estimator, kl.gradient,
+                                                      bool(kl.is_correction)))
+        if reason is not None:
+            raise ValueError(reason)
 
     def values(self, logp: Tensor, ref_logp: Tensor, mask: Tensor, kl: Any,
                logits: Tensor | None = None, ref_logits: Tensor | None = None,

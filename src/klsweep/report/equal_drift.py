@@ -9,10 +9,13 @@ the budget (``--budget``, else the runs' common ``kl.target``) and ``N_LEVELS`` 
 to the smallest final KL of the runs compared, which every run has reached.
 
 Seeds separate two schedules at a level when every seed of the better one is above every seed
-of the other: under the null that the schedules do not differ all orderings of the pooled
-values are equally likely, so this happens by chance with probability 1 / C(n_a + n_b, n_a)
-(one-sided; 0.05 for 3 seeds against 3). With so few seeds no test can say more; a t test
-would add a normality assumption nobody can check on three values.
+of the other and that is unlikely by chance: under the null that the schedules do not differ
+all orderings of the pooled values are equally likely, so the ordering happens by chance with
+probability 1 / C(n_a + n_b, n_a) (one-sided), and separation is claimed only where that is at
+most ``ALPHA``. This chance depends on the seed counts alone: one seed against one is 0.5
+whatever the rewards, 3 against 3 is 0.05, the fewest equal counts that can reach ALPHA; where
+fewer seeds ran, the report says how many it would take. With so few seeds no test can say
+more; a t test would add a normality assumption nobody can check on three values.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from klsweep.report.runs import Group, Run
 from klsweep.tracking import SMOOTHING_WINDOW, mean_std, trailing_mean
 
 N_LEVELS = 4  # grid levels up to the smallest final KL, besides the budget
+ALPHA = 0.05  # the largest chance at which seeds are said to separate two groups
 FIGURE = "equal_drift.png"
 TABLE = "equal_drift.md"
 COLUMNS = ["panel", "group", "kl", "reward_mean", "reward_std", "seeds"]  # of rows()
@@ -83,6 +87,39 @@ def separated(better: Sequence[float], worse: Sequence[float]) -> tuple[bool, fl
     return min(better) > max(worse), 1.0 / math.comb(len(better) + len(worse), len(better))
 
 
+def seeds_to_separate(n_better: int, n_worse: int, alpha: float = ALPHA) -> tuple[int, int]:
+    """The fewest seeds per group, at least those that ran, at which the ordering test can
+    reach ``alpha``: the smallest total with 1 / C(a + b, a) <= alpha, the more even split
+    first (3 and 3 for 0.05 from one seed each)."""
+    total = n_better + n_worse
+    while True:
+        splits = [(a, total - a) for a in range(n_better, total - n_worse + 1)
+                  if 1 / math.comb(total, a) <= alpha]
+        if splits:
+            return min(splits, key=lambda split: abs(split[0] - split[1]))
+        total += 1
+
+
+def seed_counts(a: int, b: int) -> str:
+    return f"{a} seed{'s' if a > 1 else ''} each" if a == b else f"{a} and {b} seeds"
+
+
+def verdict(better: Sequence[float], worse: Sequence[float], other: str) -> str:
+    """Whether seeds separate the leader from ``other`` at chance <= ALPHA; where too few
+    seeds ran for the test to reach it whatever the rewards, how many it would take."""
+    apart, chance = separated(better, worse)
+    if apart and chance <= ALPHA:
+        return f"seeds separate it from {other} (chance {chance:.2g})"
+    if math.isnan(chance) or chance <= ALPHA:  # enough seeds ran: their rewards overlap
+        return f"seeds do not separate it from {other}"
+    ran = [sum(math.isfinite(v) for v in values) for values in (better, worse)]
+    seen = (f"its seeds all lie above those of {other}" if apart
+            else f"seeds do not separate it from {other}")
+    return (f"{seen}, but with {seed_counts(*ran)} the test cannot tell: that ordering has "
+            f"chance {chance:.2g} when the two do not differ, and reaching {ALPHA:g} takes "
+            f"{seed_counts(*seeds_to_separate(*ran))}")
+
+
 class PanelComparison:
     """One panel's groups at its levels: each run's reward, and the groups' statistics."""
 
@@ -90,8 +127,8 @@ class PanelComparison:
                  window: int = SMOOTHING_WINDOW) -> None:
         self.panel, self.groups, self.window = panel, list(groups), window
         runs = [run for g in self.groups for run in g.runs]
-        if budget is None:
-            targets = {run.target for run in runs}
+        if budget is None:  # the target KL, where the runs' schedules steered toward one
+            targets = {run.target for run in runs if run.tracks_target}
             budget = targets.pop() if len(targets) == 1 else None
         self.budget = budget
         self.levels = kl_levels(runs, budget)
@@ -109,10 +146,8 @@ class PanelComparison:
         if len(ranked) < 2:
             return "fewer than two schedules reached it"
         first, second = ranked[:2]
-        apart, chance = separated(self.rewards[id(first)][:, j], self.rewards[id(second)][:, j])
-        verdict = (f"seeds separate it from {second.label} (chance {chance:.2g})" if apart
-                   else f"seeds do not separate it from {second.label}")
-        return f"{first.label} leads; {verdict}"
+        return (f"{first.label} leads; " + verdict(self.rewards[id(first)][:, j],
+                                                  self.rewards[id(second)][:, j], second.label))
 
     def table(self) -> list[str]:
         header = [f"{k:.3g}" + (" (budget)" if k == self.budget else "") for k in self.levels]
@@ -154,8 +189,10 @@ def markdown_lines(comparisons: Sequence[PanelComparison]) -> list[str]:
              f"KL of the runs compared, which every run reached. KL and reward are "
              f"{comparisons[0].window}-step trailing means, interpolated linearly between the "
              "two steps around the crossing. Seeds *separate* two groups when every seed of "
-             "one is above every seed of the other (the chance of that ordering when they do "
-             "not differ is 1/C(n₁+n₂, n₁): 0.05 for 3 seeds each).", ""]
+             "one is above every seed of the other and the chance of that ordering when they "
+             f"do not differ, 1/C(n₁+n₂, n₁), is at most {ALPHA:g}: it is 0.5 for one seed "
+             f"each, and {seed_counts(*seeds_to_separate(1, 1))} are the fewest that reach "
+             f"{ALPHA:g}.", ""]
     for c in comparisons:
         lines += [f"### {c.panel}", "", *c.table(), ""]
         lines += [f"* KL {k:.3g}: {c.leader_sentence(j)}" for j, k in enumerate(c.levels)]

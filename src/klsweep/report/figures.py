@@ -134,8 +134,8 @@ def plot_trajectories(groups: Sequence[Any], path: Path, *, key: Callable[[Any],
             ax.plot(steps, trailing_mean(mean, smooth), lw=1.8, label=style["label"],
                     **{k: v for k, v in style.items() if k != "label"})
         runs = [run for g in members for run in g.runs]
-        if show_target:
-            for target in sorted({run.target for run in runs}):
+        if show_target:  # where a schedule steered toward it
+            for target in sorted({run.target for run in runs if run.tracks_target}):
                 ax.axhspan(0.8 * target, 1.2 * target, color="0.5", alpha=0.15, lw=0,
                            label="target ± 20%")
                 ax.axhline(target, color="black", ls="--", lw=1.1, label="target KL")
@@ -249,7 +249,8 @@ def plot_reward_vs_kl(groups: Sequence[Any], path: Path) -> None:
                 if n in (2, 8, 64):
                     ax.annotate(f"n={n}", (x, y), xytext=(3, -10), textcoords="offset points",
                                 fontsize=7.5, color="0.35")
-        for target in sorted({run.target for run in runs if run.unit == "token"}):
+        for target in sorted({run.target for run in runs
+                              if run.unit == "token" and run.tracks_target}):
             ax.axvline(target, color="black", ls="--", lw=1.0, label="target KL")
         _symlog(ax, "x", xs + [run.target for run in runs], min(r.target for r in runs) / 5)
         ax.set_title(panel)
@@ -339,11 +340,12 @@ def draw_all(groups: Sequence[Any], out: Path) -> dict[str, str]:
         floor=lambda runs: min(float(r.get("kl.beta", 1.0)) or 1.0 for r in runs) / 10,
         show_target=False)
     plot_reward_vs_kl(groups, out / "reward_vs_kl.png")
-    plot_tracking(groups, out / "tracking.png")
     figures = {"KL trajectories": "kl_trajectories.png",
                "β trajectories": "beta_trajectories.png",
-               "Final reward against final KL": "reward_vs_kl.png",
-               "Tracking metrics per schedule": "tracking.png"}
+               "Final reward against final KL": "reward_vs_kl.png"}
+    if any(g.tracks_target for g in groups):  # else no schedule had a target to track
+        plot_tracking(groups, out / "tracking.png")
+        figures["Tracking metrics per schedule"] = "tracking.png"
     if plot_divergence_frontiers([run for g in groups for run in g.runs],
                                  out / "divergence_frontiers.png", _PALETTE, DPI):
         figures["Each divergence's frontier: reward against it and against the reverse KL"] = \

@@ -1,5 +1,6 @@
-"""runs.csv and report.md: one row per run, and per panel of (task, algorithm) a table of
-its groups as mean ± std over seeds, the best tracker named, and the figures linked."""
+"""runs.csv and report.md: one row per run; first what the runs varied, then per panel of
+(task, algorithm) a table of its groups as mean ± std over seeds, the best tracker named where
+a schedule tracked a target, and the figures linked."""
 
 from __future__ import annotations
 
@@ -8,7 +9,17 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from klsweep.report.runs import GROUP_METRICS, Group, Run, failures, ranked_groups
+from klsweep.report.runs import (
+    GROUP_METRICS,
+    Group,
+    Run,
+    failures,
+    flatten,
+    ranked_groups,
+    resolve_value,
+    shown_keys,
+    varying_keys,
+)
 
 CSV_COLUMNS = ("run", "group", "task", "algo", "estimator", "schedule", "placement", "seed",
                "status", "steps_done", "target", "unit", *GROUP_METRICS[:4], "reward_final",
@@ -47,6 +58,54 @@ def fmt_stat(stat: tuple[float, float, int], total: int, digits: int = 3,
     return text if n == total else f"{text} ({n}/{total})"
 
 
+# a varied key with more values than this (a continuous search) shows its range
+_LISTED_VALUES = 8
+
+
+def _values(values: Sequence[object]) -> str:
+    distinct = sorted(set(values), key=lambda v: (isinstance(v, str), v))
+    if len(distinct) > _LISTED_VALUES and all(isinstance(v, (int, float)) for v in distinct):
+        return f"{len(distinct)} values from {fmt(distinct[0])} to {fmt(distinct[-1])}"
+    shown = [fmt(v) if isinstance(v, float) else str(v) for v in distinct]
+    return ", ".join(shown[:_LISTED_VALUES]) + (", …" if len(shown) > _LISTED_VALUES else "")
+
+
+def varied_sentence(runs: Sequence[Run], groups: Sequence[Group]) -> str:
+    """What the runs varied and with how many seeds, and what they had in common: the
+    report's first words. Keys in the order the sweep varied them (summary.json's
+    ``swept``), then by name."""
+    dimensions = {"algorithm": [r.algo for r in runs], "task": [r.task for r in runs],
+                  "schedule": [r.schedule for r in runs],
+                  "estimator": [r.estimator for r in runs]}
+    order = {key: i for i, key in enumerate(dict.fromkeys(
+        key for run in runs for key in run.summary.get("swept") or {}))}
+    flats = [flatten(run.config) for run in runs]
+    for key in sorted(shown_keys(varying_keys(runs)), key=lambda k: (order.get(k, len(order)), k)):
+        dimensions[key] = [resolve_value(flat.get(key), run.config)
+                           for flat, run in zip(flats, runs, strict=True)]
+    varied = [f"**{key}** ({_values(values)})" for key, values in dimensions.items()
+              if len(set(map(str, values))) > 1]
+    common = [f"{key} {values[0]}" for key, values in dimensions.items()
+              if len(set(map(str, values))) == 1]
+    counts = sorted({len(g.runs) for g in groups})
+    seeds = sorted({run.seed for run in runs})
+    listed = (f" (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
+              if len(seeds) <= _LISTED_VALUES else "")
+    per_group = (f"{counts[0]} seed{'s' if counts[0] > 1 else ''} each{listed}"
+                 if len(counts) == 1 else f"{counts[0]}–{counts[-1]} seeds each")
+    text = (f"They varied {' and '.join(varied)}: {len(groups)} groups, {per_group}."
+            if varied else f"They varied only the seed: {per_group}.")
+    return text + (f" All had {', '.join(common)}." if common else "")
+
+
+def untracked_sentence(members: Sequence[Group]) -> str:
+    """The lead of a panel where no schedule steers β toward a target KL."""
+    schedules = ", ".join(dict.fromkeys(g.schedule for g in members))
+    return (f"No schedule here steers β toward a target KL ({schedules}), so the groups are "
+            f"not ranked by how well they tracked one; compare them on reward against KL "
+            f"(the figures below and, where the runs reached common levels, at equal drift).")
+
+
 def best_tracker_sentence(groups: Sequence[Group]) -> str:
     """The group with the lowest mean tracking error, its margin over the runner-up, and
     whether seeds separate the two (difference of means against twice its standard error)."""
@@ -82,6 +141,8 @@ _GROUP_COLUMNS = (("steps to ±20%", "steps_to_target", 3, "never"),
                   ("β volatility", "beta_volatility", 3, "–"),
                   ("final reward", "reward_final", 3, "–"),
                   ("final KL (nats/token)", "kl_final", 3, "–"))
+# the columns that measure a KL against its target: none where no schedule steered toward one
+_TARGET_METRICS = ("steps_to_target", "overshoot", "tracking_error")
 _EXACT_COLUMNS = (("exact KL (nats/token)", "exact_kl", 3, "–"),
                   ("exact reward", "exact_reward", 3, "–"),
                   ("gap to frontier", "exact_frontier_gap", 2, "–"))
@@ -91,12 +152,15 @@ _WALL_TIME_COLUMN = (("wall time (s)", "wall_time_s", 2, "–"),)
 
 
 def group_table(members: Sequence[Group]) -> list[str]:
-    """The markdown table of a panel's groups, mean ± std over seeds; the exact task's own
-    columns where its runs have them, and the rollout engine's mismatch where an engine other
-    than the trainer's model sampled."""
+    """The markdown table of a panel's groups, mean ± std over seeds; the target's columns
+    where a schedule tracked one, the exact task's own where its runs have them, and the
+    rollout engine's mismatch where an engine other than the trainer's model sampled."""
     exact = any(g.stats["exact_kl"][2] for g in members)
     engine = any(g.stats["mismatch_k3"][2] for g in members)
-    columns = (_GROUP_COLUMNS + (_EXACT_COLUMNS if exact else ())
+    tracked = any(g.tracks_target for g in members)
+    group_columns = _GROUP_COLUMNS if tracked else tuple(
+        c for c in _GROUP_COLUMNS if c[1] not in _TARGET_METRICS)
+    columns = (group_columns + (_EXACT_COLUMNS if exact else ())
                + (_ENGINE_COLUMNS if engine else ()) + _WALL_TIME_COLUMN)
     lines = ["| group | seeds | " + " | ".join(c[0] for c in columns) + " |",
              "|---" * (len(columns) + 2) + "|"]
@@ -122,15 +186,15 @@ def write_markdown(path: Path, runs: Sequence[Run], groups: Sequence[Group],
     lines = [f"# klsweep report: {', '.join(Path(p).name for p in sources)}", "",
              f"{len(runs)} runs from {', '.join(sources)} "
              f"({', '.join(f'{n} {s}' for s, n in sorted(statuses.items()))}). "
-             f"Each row of the tables below is a group of runs that differ only by seed, as "
-             f"mean ± std over seeds (sample std). Per-run values are in `runs.csv`.", ""]
+             + varied_sentence(runs, groups), "",
+             "Each row of the tables below is a group of runs that differ only by seed, as "
+             "mean ± std over seeds (sample std). Per-run values are in `runs.csv`.", ""]
     for panel in dict.fromkeys(g.panel for g in groups):
         members = [g for g in groups if g.panel == panel]
-        targets = sorted({r.target for g in members for r in g.runs})
-        lines += [f"## {panel}", "",
-                  f"Target KL: {', '.join(fmt(t) for t in targets)} ({kl_unit}). "
-                  + best_tracker_sentence(members), "",
-                  *group_table(members), ""]
+        targets = sorted({r.target for g in members for r in g.runs if r.tracks_target})
+        lead = (f"Target KL: {', '.join(fmt(t) for t in targets)} ({kl_unit}). "
+                + best_tracker_sentence(members)) if targets else untracked_sentence(members)
+        lines += [f"## {panel}", "", lead, "", *group_table(members), ""]
     lines += list(sections)
     for title, name in figures.items():
         lines += [f"### {title}", "", f"![{title}]({name})", ""]

@@ -1,8 +1,9 @@
 """The runs a report compares: each run dir read into a ``Run`` (config, summary, metrics,
 exact.json and its row of runs.csv), and runs grouped by everything but the seed.
 
-A group's statistics are mean ± std over its seeds (``klsweep.tracking.mean_std``); groups
-are ranked by mean tracking error, those whose runs all completed first.
+A group's statistics are mean ± std over its seeds (``klsweep.tracking.mean_std``); where a
+schedule of the panel steers β toward the target, groups are ranked by mean tracking error,
+those whose runs all completed first; elsewhere they are listed by label.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from klsweep.kl.schedules import SCHEDULES
 from klsweep.records import read_metrics, summarize
 from klsweep.tracking import mean_std, run_tracking
 
@@ -88,6 +91,12 @@ class Run:
         return int(self.summary.get("seed", self.get("seed", 0)))
 
     @property
+    def tracks_target(self) -> bool:
+        """Whether its schedule steers β toward ``kl.target`` (the feedback schedules); the
+        others (fixed, linear, cosine, exponential) never read the target."""
+        return tracks_target(self.schedule)
+
+    @property
     def name(self) -> str:
         return str(self.summary.get("name")
                    or f"{self.algo}-{self.estimator}-{self.schedule}-s{self.seed}")
@@ -102,6 +111,14 @@ class Group:
     schedule: str
     runs: list[Run]
     stats: dict[str, tuple[float, float, int]] = field(default_factory=dict)
+
+    @property
+    def tracks_target(self) -> bool:
+        return tracks_target(self.schedule)
+
+
+def tracks_target(schedule: str) -> bool:
+    return bool(getattr(SCHEDULES.get(schedule), "needs_target", False))
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -148,7 +165,7 @@ def load_run(path: Path) -> Run:
     return run
 
 
-def _resolve_value(value: Any, config: dict[str, Any]) -> Any:
+def resolve_value(value: Any, config: dict[str, Any]) -> Any:
     """A plain ``${a.b}`` reference into the config, resolved (what Hydra saved unresolved)."""
     if isinstance(value, str) and value.startswith("${") and value.endswith("}"):
         node: Any = config
@@ -179,7 +196,7 @@ def run_record(run: Run) -> dict[str, Any]:
     tracking = run_tracking(run.rows, run.target, run.kl_key)
     record: dict[str, Any] = {
         "run": run.name, "task": run.task, "algo": run.algo, "estimator": run.estimator,
-        "schedule": run.schedule, "placement": _resolve_value(
+        "schedule": run.schedule, "placement": resolve_value(
             run.summary.get("placement") or run.get("kl.placement"), run.config),
         "seed": run.seed, "status": run.summary.get("status", "incomplete"),
         "steps_done": len(run.rows), "target": run.target, "unit": run.unit,
@@ -232,12 +249,20 @@ def varying_keys(runs: Sequence[Run]) -> list[str]:
             and len({json.dumps(flat.get(key), default=str) for flat in flats}) > 1]
 
 
+def shown_keys(varying: Sequence[str]) -> list[str]:
+    """The varying keys that a group's label names beside its schedule and estimator: not
+    those that follow from the schedule, the algorithm or the task chosen."""
+    return [key for key in varying if not key.startswith(("kl.schedule.", "algo.", "task."))
+            and key != "kl.estimator"]
+
+
 def group_runs(runs: Sequence[Run]) -> list[Group]:
     """Runs grouped by panel (task, algorithm) and, within it, by every varying config value
-    but the seed. A group's label is its schedule plus the other values that vary."""
+    but the seed. A group's label is its schedule plus the other values that vary. In a
+    panel where some schedule steers β toward the target, groups are ranked by tracking
+    error; in one where none does, they are listed in the order of their labels."""
     varying = varying_keys(runs)
-    shown = [key for key in varying if not key.startswith(("kl.schedule.", "algo.", "task."))
-             and key != "kl.estimator"]
+    shown = shown_keys(varying)
     estimators_vary = len({run.estimator for run in runs}) > 1
     groups: dict[tuple, Group] = {}
     for run in runs:
@@ -256,19 +281,29 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
             run.record["group"] = group.label
         group.stats = {m: mean_std(r.record.get(m, math.nan) for r in group.runs)
                        for m in GROUP_METRICS + EXACT_METRICS + ENGINE_METRICS}
-    return sorted(groups.values(), key=lambda g: (g.panel, *_rank(g), g.label))
+    tracking = {g.panel for g in groups.values() if g.tracks_target}
+    return sorted(groups.values(), key=lambda g: (g.panel, *_rank(g, g.panel in tracking),
+                                                  _natural(g.label)))
 
 
-def _rank(group: Group) -> tuple[bool, float]:
+def _rank(group: Group, by_tracking: bool) -> tuple[bool, float]:
     """Groups whose runs all completed first, then by mean tracking error: a schedule whose
     run diverged did not track the target, whatever its error before it stopped."""
-    error = group.stats["tracking_error"][0]
+    error = group.stats["tracking_error"][0] if by_tracking else math.inf
     return (bool(failures(group)), error if math.isfinite(error) else math.inf)
 
 
+def _natural(label: str) -> tuple:
+    """A label's order with its numbers compared as numbers (β 0.03 before 0.1 before 1e+01)."""
+    parts = re.split(r"(\d+(?:\.\d*)?(?:e[-+]?\d+)?)", label)
+    return tuple((0, float(p), "") if i % 2 else (1, 0.0, p) for i, p in enumerate(parts))
+
+
 def ranked_groups(groups: Sequence[Group]) -> list[Group]:
-    """The groups that can be ranked (all runs completed, KL measured), best first."""
-    return sorted((g for g in groups if not failures(g)
+    """The groups that can be ranked by tracking error (all runs completed, KL measured, in a
+    panel where some schedule steered β toward the target), best first."""
+    tracking = {g.panel for g in groups if g.tracks_target}
+    return sorted((g for g in groups if g.panel in tracking and not failures(g)
                    and math.isfinite(g.stats["tracking_error"][0])),
                   key=lambda g: g.stats["tracking_error"][0])
 

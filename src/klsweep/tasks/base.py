@@ -14,6 +14,7 @@ from klsweep.models.reference import ReferenceRecipe
 from klsweep.policy import PolicyPair
 from klsweep.rollout import Prompts, Rollout
 from klsweep.schema import spec
+from klsweep.tasks.proxy import ProxyConfig
 
 # what a synthetic task's policy optimises: its own (gold) reward, or a proxy reward model
 # of it (tasks/proxy.py)
@@ -34,7 +35,7 @@ class SyntheticTaskConfig:
     cache_dir: str = spec(kind="string", help="where trained references are cached")
     reward_source: str = spec(kind="choice", choices=REWARD_SOURCES,
                               help="what the policy optimises: the reward, or a model of it")
-    proxy: dict = spec(kind="node", help="the proxy reward model (reward_source=proxy)")
+    proxy: ProxyConfig = spec(kind="node", help="the proxy reward model (reward_source=proxy)")
 
     def reference_recipe(self, key: dict[str, Any],
                          sample_sequences: Callable[[int, torch.Generator], Any]

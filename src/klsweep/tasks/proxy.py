@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from klsweep.models.reference import cached_model
 from klsweep.preferences import bradley_terry_labels, bradley_terry_loss
 from klsweep.rollout import Rollout
-from klsweep.schema import ConfigError, check_node, spec
+from klsweep.schema import ConfigError, spec
 
 # (completions [B, N], completion mask [B, N]) -> gold reward [B]
 GoldReward = Callable[[Tensor, Tensor], Tensor]
@@ -62,8 +62,8 @@ class ProxyConfig:
 
 
 def check_proxy(cfg: DictConfig) -> None:
-    """The ``task.reward_source`` and ``task.proxy`` checks of a synthetic task's config."""
-    check_node("task.proxy", cfg.task.proxy, ProxyConfig)
+    """The ``task.proxy`` check that spans two of its keys (its fields are checked as a node
+    of ``SyntheticTaskConfig``)."""
     proxy = cfg.task.proxy
     if proxy.n_embd % proxy.n_head:
         raise ConfigError(f"task.proxy.n_embd must be a multiple of task.proxy.n_head "
