@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-from klsweep.algos.dpo import order_pairs
+from klsweep.algos.dpo import DPO, order_pairs
 from klsweep.algos.dpo_losses import dpo_loss, sequence_logratio
-from klsweep.config import ConfigError, compose_and_validate
+from klsweep.config import ConfigError, choice_config, compose_and_validate
 from klsweep.preferences import bradley_terry_labels, deterministic_labels
 from tests.conftest import run_and_read
 
@@ -276,6 +276,17 @@ def test_deterministic_labels_prefer_the_higher_reward_and_break_ties_fairly():
 def test_order_pairs_puts_the_chosen_row_first():
     order = order_pairs(torch.tensor([True, False, True]))
     assert order.tolist() == [0, 1, 3, 2, 4, 5]
+
+
+@pytest.mark.parametrize(("ties", "kept"), [("keep", [1, 0, 2, 3, 4, 5]),
+                                            ("drop", [1, 0, 4, 5])])
+def test_dropping_ties_keeps_only_pairs_the_reward_orders(ties, kept):
+    # a 0/1 verifier's pairs (rows 2i, 2i+1): wrong/right, right/right (a tie), right/wrong;
+    # ordered chosen first
+    dpo = DPO(choice_config("algo", "dpo", labels="deterministic", ties=ties))
+    rewards = torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0, 0.0])
+    order = torch.tensor([1, 0, 2, 3, 4, 5])
+    assert dpo._kept_rows(order, rewards).tolist() == kept
 
 
 def test_dpo_rejects_a_kl_placement_before_training():

@@ -136,10 +136,10 @@ def test_a_loss_placed_beta_weighs_kl_against_reward_as_beta_times_advantage_sca
 
 
 def recompute_from_exact_json(path) -> dict[str, float]:
-    """Exact KL, reward and J* from exact.json with numpy alone: the user's check."""
+    """Exact KL, reward, J* and pass@k from exact.json with numpy alone: the user's check."""
     record = json.loads(path.read_text())
     beta = record["beta_seq"]
-    kl, reward, j_star = [], [], []
+    kl, reward, j_star, p_top = [], [], [], []
     for prompt in record["prompts"]:
         logp = np.array(prompt["policy_logp"])
         ref = np.array(prompt["ref_logp"])
@@ -149,8 +149,12 @@ def recompute_from_exact_json(path) -> dict[str, float]:
         reward.append(np.sum(p * r))
         top = r.max()
         j_star.append(top + beta * np.log(np.sum(np.exp(ref + (r - top) / beta))))
+        p_top.append(np.sum(p[r >= top]))
+    # pass@k of eval.k's default: at least one of k samples reaches the top reward
     return {"kl": float(np.mean(kl)), "reward": float(np.mean(reward)),
-            "optimal_objective": float(np.mean(j_star))}
+            "optimal_objective": float(np.mean(j_star)),
+            **{f"pass@{k}": float(np.mean(1 - (1 - np.array(p_top)) ** k))
+               for k in (1, 2, 4, 8, 16)}}
 
 
 @pytest.mark.slow

@@ -65,3 +65,16 @@ def test_grpo_loss_on_a_hand_computed_batch():
     loss.backward()
     # d/d logp of -ρA at ρ=1 is -A, averaged over the 3 tokens
     torch.testing.assert_close(logp.grad[0], torch.tensor([-0.5 / 3, -0.5 / 3]))
+
+
+def test_clip_higher_widens_only_the_upper_side_of_the_ratio():
+    # DAPO's clip-higher: ratio 1.25 with A > 0 stays unclipped under ε_high = 0.28 (clipped
+    # to 1.2 by ε = 0.2); ratio 0.75 with A < 0 is clipped to 0.8 either way
+    logp = torch.log(torch.tensor([[1.25, 0.75]]))
+    adv = torch.tensor([[1.0, -1.0]])
+    loss, _, clipped = clipped_surrogate(logp, torch.zeros(1, 2), adv, clip_eps=0.2,
+                                         clip_eps_high=0.28)
+    torch.testing.assert_close(loss, -torch.tensor([[1.25, -0.8]]))
+    assert clipped.tolist() == [[False, True]]
+    symmetric, _, _ = clipped_surrogate(logp, torch.zeros(1, 2), adv, clip_eps=0.2)
+    torch.testing.assert_close(symmetric, -torch.tensor([[1.2, -0.8]]))

@@ -101,10 +101,13 @@ def test_format_reward_searches_its_pattern():
     assert format_reward([""] * 2, ["<a>7</a>", "7"], pattern=r"^<a>\d+</a>$") == [1.0, 0.0]
 
 
-def test_arithmetic_reward_compares_the_first_number_with_the_answer():
-    completions = [" 19", "The answer is 19.", "18, no, 19", "no idea", " -48 apples", "2.50"]
-    answers = [19, "19", 19, 19, -48, 2.5]
-    assert arithmetic_reward([""] * 6, completions, answers) == [1, 1, 0, 0, 1, 1]
+def test_arithmetic_reward_reads_the_tagged_answer_else_the_last_number():
+    completions = [" 19", "The answer is 19.", "18, no, 19", "no idea", " -48 apples", "2.50",
+                   "49 - 97 = -48", "19 is close; <answer>20</answer>", "<answer>x = 19</answer>",
+                   "19 + 1 = 20", "1,019", "5-3"]
+    answers = [19, "19", 19, 19, -48, 2.5, -48, 20, 19, 19, 1019, 3]
+    assert arithmetic_reward([""] * 12, completions, answers) == [1, 1, 1, 0, 1, 1, 1, 1, 1, 0,
+                                                                  1, 1]
 
 
 def test_make_arithmetic_is_reproducible_and_its_answers_are_right():

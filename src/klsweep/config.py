@@ -21,7 +21,7 @@ from klsweep.kl.schedules import _accepted_arguments
 from klsweep.models import MODELS
 from klsweep.policy import KLConfig, kl_settings
 from klsweep.schema import ConfigError, check_nodes, describe, from_node, spec
-from klsweep.tasks import TASKS
+from klsweep.tasks import TASKS, EvalConfig
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # the kl node's own keys that feed every schedule (the rest come from kl.schedule.*)
@@ -82,7 +82,8 @@ class TrainerConfig:
 class OptimConfig:
     """AdamW on the policy's trainable parameters (and an algorithm's own module)."""
 
-    lr: float = spec(kind="number", gt=0, help="learning rate")
+    lr: float | None = spec(kind="number", gt=0, optional=True,
+                            help="learning rate; null: the model's default (model.lr ...)")
     weight_decay: float = spec(kind="number", ge=0, help="AdamW weight decay")
     betas: list = spec(kind="list", help="AdamW betas")
     grad_clip: float = spec(kind="number", ge=0, help="max global grad norm; 0: none")
@@ -138,7 +139,7 @@ class TrialConfig:
 # node -> its dataclass, for the nodes that have one whatever the choices
 RUN_NODES: dict[str, type] = {"kl": KLConfig, "trainer": TrainerConfig, "optim": OptimConfig,
                               "rollout": RolloutConfig, "checkpoint": CheckpointConfig,
-                              "trial": TrialConfig}
+                              "trial": TrialConfig, "eval": EvalConfig}
 # group -> choice name -> its dataclass
 CHOICE_NODES: dict[str, dict[str, type]] = {
     "algo": {name: algo.Config for name, algo in ALGORITHMS.items()},

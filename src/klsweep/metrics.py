@@ -195,6 +195,29 @@ step("exact/gold_reward", REWARD, "E_π[gold reward]", "task=exact, task.reward_
      "at each evaluation", LAST)
 step("exact/proxy_reward", REWARD, "E_π[proxy reward] (= exact/reward)", "task=exact, "
      "task.reward_source=proxy: at each evaluation", LAST)
+step("exact/pass@{k}", FRACTION, "for each k of eval.k: the probability that at least one of "
+     "k samples reaches the top reward, 1 − (1 − p_top)^k, mean over prompts", EXACT_EVAL, LAST)
+# --- task=reasoning: the held-out evaluation (tasks.evaluation; eval.prompts × eval.samples) ---
+REASONING = "task=reasoning: every step"
+EVAL = "task=reasoning: every eval.every steps and after the last"
+REF_EVAL = "task=reasoning: at the first step (the reference, the run's own baseline)"
+step("reward/score", REWARD, "the verifier's score_answer of the step's samples, mean (the "
+     "reward without its format term)", REASONING)
+step("reward/format_rate", FRACTION, "the step's completions that tagged their answer "
+     "(<answer>…</answer>)", REASONING)
+for prefix, model, when in (("eval/", "the policy", EVAL), ("eval/ref_", "the reference",
+                                                            REF_EVAL)):
+    step(f"{prefix}accuracy", REWARD, f"{model}'s mean score on the held-out questions",
+         when, LAST)
+    step(f"{prefix}pass@{{k}}", REWARD, f"for each k of eval.k: {model}'s expected best score "
+         "of k of the eval.samples completions (Chen et al.'s unbiased estimator for 0/1 "
+         "scores, a partial score counting as its value)", when, LAST)
+    step(f"{prefix}entropy", NATS_TOKEN, f"{model}'s next-token entropy on its held-out "
+         "completions, mean per sampled token", when, LAST)
+    step(f"{prefix}format_rate", FRACTION, f"{model}'s held-out completions that tagged "
+         "their answer", when, LAST)
+step("perf/eval_s", "s", "wall time of the step's evaluation (included in perf/step_s)",
+     "a task with a held-out evaluation (task=reasoning, exact): each step that evaluates")
 
 # --- summary.json: the run ------------------------------------------------------------------------
 summary("status", "text", "completed | failed | diverged | interrupted | pruned")
@@ -205,6 +228,8 @@ summary("swept", "mapping", "in a sweep: the job's value of each key the sweep v
 for key in ("algo", "estimator", "schedule", "placement", "divergence", "task"):
     summary(key, "text", f"the run's {key} (its config's choice)")
 summary("seed", "count", "the run's seed")
+summary("lr", "learning rate", "the optimiser's learning rate (optim.lr; null: the model's "
+        "default, model=hf's by pretrained, LoRA or from scratch)")
 summary("steps", "count", "policy updates the run was configured for")
 summary("steps_done", "count", "policy updates in the record (a resumed run's earlier ones too)")
 summary("resumed_from_step", "count", "the step this invocation resumed from (0: a fresh run)")

@@ -24,7 +24,7 @@ from klsweep.errors import KLDiverged, RunFailed
 from klsweep.kl import Schedule
 from klsweep.metrics import check_row
 from klsweep.policy import PolicyPair
-from klsweep.records import JsonlLogger
+from klsweep.records import JsonlLogger, log_sample_table
 from klsweep.rollout import Prompts
 from klsweep.tasks.base import Task
 from klsweep.trainer import FullyShardedStrategy
@@ -160,7 +160,11 @@ class KLPolicyModule(L.LightningModule):
             raise KLDiverged(f"KL {result.kl:.4g} ({self.kl_unit}) exceeded "
                              f"kl.max={self.kl_max} at step {self.step_count}")
         if self.task.should_evaluate(self.step_count, self.steps):
+            eval_start = time.perf_counter()
             metrics.update(self.task.evaluate(self.pair, self.step_count, result.beta_seq))
+            for name, rows in self.task.take_samples():
+                self.record_samples(name, rows)
+            metrics["perf/eval_s"] = time.perf_counter() - eval_start
         self.schedule.update(result.kl, result.n_samples)
         if self.pair.due_for_sync(self.step_count):
             self.pair.sync_reference()
@@ -203,6 +207,15 @@ class KLPolicyModule(L.LightningModule):
                         "dist/reward_spread": reward_max + neg_reward_min})
         kl, beta_seq, n_samples = total[-3:]
         return StepResult(metrics, kl / world, round(n_samples), beta_seq / world)
+
+    def record_samples(self, name: str, rows: list[dict[str, Any]]) -> None:
+        """An evaluation's samples to every logger that keeps them (samples/<name>.jsonl
+        beside metrics.jsonl; a W&B table)."""
+        for logger in self.loggers:
+            if isinstance(logger, JsonlLogger):
+                logger.log_samples(name, rows)
+            elif self.step_count > self.logged_until:
+                log_sample_table(logger, name, rows, self.step_count)
 
     def record(self, metrics: dict[str, float]) -> None:
         """Send one step's metrics to every logger (the progress bar reads the history); a

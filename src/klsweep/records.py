@@ -65,10 +65,40 @@ class JsonlLogger(Logger):
         self._file.flush()
 
     @rank_zero_only
+    def log_samples(self, name: str, rows: list[dict[str, Any]]) -> None:
+        """An evaluation's samples, one JSON object a line, in ``samples/<name>.jsonl``
+        beside metrics.jsonl (written whole, atomically: a resumed run rewrites the same)."""
+        write_jsonl(self.path.parent / "samples" / f"{name}.jsonl", rows)
+
+    @rank_zero_only
     def finalize(self, status: str) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """``rows`` as JSON lines, atomically; values JSON lacks (a dataset's own types in an
+    entry's metadata) as their text."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(row, default=str, allow_nan=True) + "\n" for row in rows))
+    os.replace(tmp, path)
+
+
+# the columns of an evaluation's samples in W&B's table (the JSON lines hold every field)
+SAMPLE_COLUMNS = ("question", "completion", "extracted_answer", "score", "answer")
+
+
+def log_sample_table(logger: Logger, name: str, rows: list[dict[str, Any]], step: int) -> None:
+    """An evaluation's samples as a W&B table ``samples/<name>`` (other loggers keep none)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if not isinstance(logger, WandbLogger):
+        return
+    data = [[row.get("question"), row.get("completion"), row.get("extracted_answer"),
+             row.get("score"), str(row.get("entry", {}).get("answer"))] for row in rows]
+    logger.log_table(key=f"samples/{name}", columns=list(SAMPLE_COLUMNS), data=data, step=step)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, float]]:

@@ -35,6 +35,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor
 
+from klsweep.answers import numeric_answer
 from klsweep.errors import RunFailed
 from klsweep.schema import ConfigError, check_value
 
@@ -74,17 +75,16 @@ def format_reward(prompts: list[str], completions: list[str], *, pattern: str = 
     return [float(regex.search(c) is not None) for c in completions]
 
 
-_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
-
-
 def arithmetic_reward(prompts: list[str], completions: list[str], answer: list[Any],
                       **row_fields: Any) -> list[float]:
-    """Exact answer: 1 where the first number in the completion equals the row's ``answer``
-    column, else 0 (also when the completion has no number)."""
+    """Exact answer: 1 where the completion's answer equals the row's ``answer`` column, else
+    0 (also when it has none). The answer is read as real instruction-tuned models write it
+    (klsweep.answers): the number in the last ``<answer>…</answer>``, else the last number
+    of the completion ("49 - 97 = -48" answers -48)."""
     scores = []
     for completion, expected in zip(completions, answer, strict=True):
-        found = _NUMBER.search(completion)
-        scores.append(float(found is not None and float(found.group()) == float(expected)))
+        found = numeric_answer(completion)
+        scores.append(float(found is not None and found == float(expected)))
     return scores
 
 

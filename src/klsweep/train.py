@@ -34,7 +34,7 @@ from klsweep.engines import build_engine
 from klsweep.engines.correction import resolve
 from klsweep.errors import RunFailed
 from klsweep.metrics import check_summary
-from klsweep.models import build_models, export_policy, load_tokenizer
+from klsweep.models import build_models, default_lr, export_policy, load_tokenizer
 from klsweep.module import KLPolicyModule
 from klsweep.policy import PolicyPair, kl_settings
 from klsweep.progress import StepProgressBar
@@ -73,11 +73,20 @@ def run_name(cfg: DictConfig, sweep: SweepJob | None = None) -> str:
     return name_with_values(base, sweep.values, NAMED_KEYS) if sweep else base
 
 
+def optim_settings(cfg: DictConfig) -> DictConfig:
+    """The ``optim`` node with its learning rate filled in: ``optim.lr: null`` is the
+    model's own default (``model.lr``; model=hf: by pretrained, LoRA or from scratch)."""
+    optim = cfg.optim.copy()
+    if optim.lr is None:
+        optim.lr = default_lr(cfg.model)
+    return optim
+
+
 def build_module(cfg: DictConfig, task: Task | None = None,
                  models: tuple[nn.Module, nn.Module] | None = None) -> KLPolicyModule:
     """Config → task, policy pair, algorithm and schedule → the LightningModule. ``task`` and
     ``models`` replace the ones the config names (the benchmark's)."""
-    task = task or build_task(cfg.task, load_tokenizer(cfg.model))
+    task = task or build_task(cfg.task, load_tokenizer(cfg.model), cfg.eval)
     policy, reference = models or build_models(cfg.model, task)
     engine = build_engine(cfg.rollout, cfg.model, policy, max_new_tokens=task.max_new_tokens,
                           eos_id=task.eos_id, seed=cfg.seed)
@@ -91,7 +100,7 @@ def build_module(cfg: DictConfig, task: Task | None = None,
     algorithm = ALGORITHMS[cfg.algo.name]
     return KLPolicyModule(pair, task, algorithm(from_node(algorithm.Config, cfg.algo)),
                           build_schedule(cfg.kl), steps=cfg.steps, seed=cfg.seed,
-                          optim=cfg.optim, kl_target=cfg.kl.target, kl_max=cfg.kl.max)
+                          optim=optim_settings(cfg), kl_target=cfg.kl.target, kl_max=cfg.kl.max)
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path, sweep: SweepJob | None,
@@ -229,7 +238,7 @@ def train(cfg: DictConfig, run_dir: Path, sweep: SweepJob | None = None) -> dict
             "algo": cfg.algo.name, "estimator": cfg.kl.estimator,
             "schedule": cfg.kl.schedule.name, "placement": cfg.kl.placement,
             "divergence": cfg.kl.divergence, "task": cfg.task.name,
-            "seed": cfg.seed, "steps": cfg.steps, "steps_done": len(history),
+            "seed": cfg.seed, "lr": module.optim.lr, "steps": cfg.steps, "steps_done": len(history),
             "resumed_from_step": resume.step,
             "wall_time_s": time.perf_counter() - started, "fit_time_s": fit_s,
             "perf/tokens_per_s": tokens / fit_s if fit_s > 0 else 0.0,

@@ -26,7 +26,13 @@ DEFAULT_OBJECTIVES = {"reward/final": "maximize"}
 RUN_NUMBERS = ("steps_done", "wall_time_s", "fit_time_s", "perf/tokens_per_s")
 
 
-def _exact_metrics() -> dict[str, float]:
+def _eval_k(config: DictConfig | None) -> list[int]:
+    """The run's eval.k: the k of its pass@k metrics."""
+    ks = OmegaConf.select(config, "eval.k") if config is not None else None
+    return [int(k) for k in ks] if ks else []
+
+
+def _exact_metrics(config: DictConfig | None) -> dict[str, float]:
     """The ``exact/*`` figures the exact task logs, of a two-completion toy policy."""
     import numpy as np
 
@@ -34,33 +40,51 @@ def _exact_metrics() -> dict[str, float]:
 
     logp = np.log(np.full((1, 2), 0.5))
     metrics = exact_metrics(logp, logp, np.array([[0.0, 1.0]]), beta_seq=1.0)
-    # logged beside them with a proxy reward (task.reward_source) or a moving reference
+    # logged beside them with a proxy reward (task.reward_source) or a moving reference,
+    # and the exact pass@k of each k of eval.k
     return metrics | dict.fromkeys(("exact/gold_reward", "exact/proxy_reward",
-                                    "exact/kl_to_init"), 0.0)
+                                    "exact/kl_to_init",
+                                    *(f"exact/pass@{k}" for k in _eval_k(config))), 0.0)
 
 
-# the metrics a task logs beside every run's, by task name
-TASK_METRICS = {"exact": _exact_metrics}
+def _evaluation_metrics(config: DictConfig | None) -> dict[str, float]:
+    """The ``eval/*`` figures of a held-out evaluation (task=reasoning), the policy's and
+    the reference's, asked of the function that computes them."""
+    import numpy as np
+    import torch
+
+    from klsweep.tasks.evaluation import evaluation_metrics
+
+    one = (np.zeros((1, 1)), np.zeros((1, 1)), torch.zeros(1), torch.ones(1, 1), [1])
+    names = {**evaluation_metrics(*one), **evaluation_metrics(*one, prefix="eval/ref_")}
+    return names | dict.fromkeys((f"eval/{p}pass@{k}" for p in ("", "ref_")
+                                  for k in _eval_k(config)), 0.0)
 
 
-def known_objectives(task: str | None = None) -> list[str]:
+# the metrics a task logs beside every run's, by task name, for the run's config
+TASK_METRICS = {"exact": _exact_metrics, "reasoning": _evaluation_metrics}
+
+
+def known_objectives(task: str | None = None, config: DictConfig | None = None) -> list[str]:
     """Every number a run's summary holds: the final metrics that ``summarize`` derives from
     the logged keys, ``task``'s own among them (asked of ``summarize`` and of the task's
-    metric function themselves, so they never disagree), and the run's own numbers."""
+    metric function themselves, so they never disagree; ``config``: the sweep's run config,
+    whose eval.k names the pass@k metrics), and the run's own numbers."""
     from klsweep.records import FINAL_KEYS, summarize
 
     logged = {key: 0.0 for key in (*FINAL_KEYS, "kl/beta")}
     if task in TASK_METRICS:
-        logged.update(TASK_METRICS[task]())
+        logged.update(TASK_METRICS[task](config))
     return sorted({*summarize([logged]), *RUN_NUMBERS})
 
 
-def check_objectives(objectives: Mapping[str, Any], task: str | None = None) -> dict[str, str]:
+def check_objectives(objectives: Mapping[str, Any], task: str | None = None,
+                     config: DictConfig | None = None) -> dict[str, str]:
     """``{metric: direction}`` in order, without those set to null; none at all means
     reward/final, maximized."""
     chosen = {name: direction for name, direction in objectives.items()
               if direction is not None} or dict(DEFAULT_OBJECTIVES)
-    known = known_objectives(task)
+    known = known_objectives(task, config)
     for name, direction in chosen.items():
         if direction not in DIRECTIONS:
             raise SweepConfigError(f"hydra.sweeper.objectives.{name} must be maximize or "

@@ -85,9 +85,10 @@ class OptunaSweep:
         self.space: SearchSpace = parse_search_space(params, arguments, parser)
         task = OmegaConf.select(self.config, "task.name")
         self.objectives = check_objectives(OmegaConf.to_container(s.objectives, resolve=True),
-                                           task=task)
+                                           task=task, config=self.config)
         self.constraints = check_constraints(
-            OmegaConf.to_container(s.constraints, resolve=True), known_objectives(task))
+            OmegaConf.to_container(s.constraints, resolve=True),
+            known_objectives(task, self.config))
         n_objectives = len(self.objectives)
         self.pruner = check_pruner(OmegaConf.to_container(s.pruner, resolve=True), n_objectives)
         self.sampler_spec = OmegaConf.to_container(s.sampler, resolve=True)

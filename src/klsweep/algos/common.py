@@ -30,16 +30,18 @@ def aggregate(values: Tensor, mask: Tensor, loss_agg: str) -> Tensor:
                      f"(allowed: {', '.join(LOSS_AGGREGATIONS)})")
 
 
-def clipped_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor,
-                      clip_eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """PPO's clipped objective per token, as a loss: ``-min(ρ·A, clip(ρ, 1±ε)·A)`` with
-    ``ρ = exp(logp - old_logp)``. ``advantages`` is [B, N] or [B] (one per sequence).
+def clipped_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_eps: float,
+                      clip_eps_high: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """PPO's clipped objective per token, as a loss: ``-min(ρ·A, clip(ρ, 1−ε, 1+ε_high)·A)``
+    with ``ρ = exp(logp - old_logp)``; ``clip_eps_high`` None: ε (DAPO's clip-higher sets it
+    above ε). ``advantages`` is [B, N] or [B] (one per sequence).
     Returns (loss [B, N], ratio [B, N], clipped [B, N] as bool)."""
     if advantages.dim() == 1:
         advantages = advantages[:, None]
+    high = clip_eps if clip_eps_high is None else clip_eps_high
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * advantages
-    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages
+    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + high) * advantages
     return -torch.minimum(unclipped, clipped), ratio, clipped < unclipped
 
 

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from klsweep.algos.common import Algorithm, Optimize, StepResult, sample_and_score
 from klsweep.algos.dpo_losses import LOSSES, check_f_dpo_loss, dpo_loss, sequence_logratio
+from klsweep.errors import RunFailed
 from klsweep.kl import ESTIMATORS, masked_sum
 from klsweep.policy import Measurement, PolicyPair
 from klsweep.preferences import LABELS, preference_labels
@@ -37,6 +38,10 @@ _DATASET_CHUNK = 1024
 # rows of a chunk decoded at once, with the tokens of one batch (rollout.generate): their KV
 # cache was the run's memory peak at 2048 rows (100 MB at the benchmark's shape)
 _DECODE_ROWS = 512
+# what becomes of a pair whose two completions have the same reward (both right, or both wrong,
+# under a verifier): keep it, labelled by a coin, or drop it (pairs of a correct and an
+# incorrect answer only, as Pang et al. 2024 build them for reasoning)
+TIES = ("keep", "drop")
 
 
 
@@ -83,6 +88,8 @@ class DPOConfig:
                                   help="ε: robust's known flip rate; sigmoid: cDPO (not TRL 1.16)")
     ipo_normalize: bool = spec(kind="bool", help="ipo on the per-token mean log-ratio (TRL)")
     labels: str = spec(kind="choice", choices=LABELS, help="how pairs are labelled from rewards")
+    ties: str = spec(kind="choice", choices=TIES,
+                     help="keep: pairs of equal reward too | drop: only pairs a reward orders")
     online: bool = spec(kind="bool", help="fresh pairs from π each step instead of a data set")
     pairs_per_step: int = spec(kind="integer", ge=1, help="pairs per update")
     dataset_pairs: int = spec(kind="integer", ge=1, help="size of the offline data set")
@@ -138,6 +145,15 @@ class DPO(Algorithm):
         """Row order putting each sampled pair (rows 2i, 2i+1) as chosen, rejected."""
         return order_pairs(preference_labels(rewards[0::2], rewards[1::2], self.config.labels))
 
+    def _kept_rows(self, order: Tensor, rewards: Tensor) -> Tensor:
+        """The rows of ``order`` (pairs as chosen, rejected) that training keeps: every one,
+        or with ``ties=drop`` those of pairs whose rewards differ."""
+        if self.config.ties == "keep":
+            return order
+        ordered = rewards[order]
+        differ = (ordered[0::2] != ordered[1::2]).repeat_interleave(2)
+        return order[differ]
+
     @torch.no_grad()
     def _reference_dataset(self, pair: PolicyPair, task: Task) -> PreferencePairs:
         """The task's own preference pairs when it has them (a preference file), else
@@ -158,9 +174,13 @@ class DPO(Algorithm):
                                             max_rows=_DECODE_ROWS)
             scores = task.reward(sampled)
             order = self._label_order(scores)
-            rollouts.append(sampled.rows(order, group_size=2))
-            rewards.append(scores[order])
-        rollout = Rollout.cat(rollouts)
+            rows = self._kept_rows(order, scores)
+            rollouts.append(sampled.rows(rows, group_size=2))
+            rewards.append(scores[rows])
+        if sum(len(r) for r in rewards) == 0:
+            raise RunFailed(f"algo.ties=drop left no pair: all {c.dataset_pairs} pairs of "
+                            f"reference samples have equal rewards")
+        rollout = Rollout.cat([r for r in rollouts if r.tokens.shape[0]])
         return PreferencePairs(rollout, torch.cat(rewards), self._reference_logps(pair, rollout))
 
     @staticmethod
@@ -213,13 +233,17 @@ class DPO(Algorithm):
         if self.config.online:
             # the pairs are fresh policy samples: KL and reward are measured on them, pre-update
             fresh = sample_and_score(pair, task, prompts, 2)
-            order = self._label_order(fresh.rewards)
+            order = self._kept_rows(self._label_order(fresh.rewards), fresh.rewards)
             scored = fresh.scored.rows(order, group_size=2)
             measurement = fresh.measurement
             metrics = dict(measurement.metrics)
             batch = PreferencePairs(scored.rollout, fresh.rewards[order],
                                     masked_sum(scored.ref_logp, scored.mask))
             logp = scored.logp
+            if len(batch) == 0:  # ties=drop and every pair tied: nothing to learn this step
+                self.steps_done += 1
+                return StepResult({**metrics, "dpo/pairs": 0.0}, measurement.kl,
+                                  measurement.n_samples, beta)
         else:
             measurement, fresh_eval = self._offline_measurement(pair, task, prompts)
             metrics = {**measurement.metrics, "dpo/fresh_eval": float(fresh_eval)}

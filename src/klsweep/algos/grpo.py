@@ -45,6 +45,8 @@ class GRPOConfig:
     scale_rewards: str = spec(kind="choice", choices=SCALE_REWARDS,
                               help="divide centred rewards by the group's or batch's std, or not")
     clip_eps: float = spec(kind="number", gt=0, help="PPO clip ε")
+    clip_eps_high: float = spec(kind="number", gt=0,
+                                help="upper clip ε of the ratio (DAPO's clip-higher; default ε)")
     loss_agg: str = spec(kind="choice", choices=LOSS_AGGREGATIONS,
                          help="token: mean over the batch's tokens | sequence: per sequence first")
     updates_per_rollout: int = spec(kind="integer", ge=1, help="μ, gradient steps per rollout")
@@ -82,12 +84,15 @@ def advantage_scale(rewards: Tensor, group_size: int, scale: str = "group",
 
 def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
               clip_eps: float, loss_agg: str, kl: Tensor | None = None,
-              beta: float = 0.0, tis: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """GRPO's loss: the clipped surrogate on sequence advantages [B] broadcast over tokens,
+              beta: float = 0.0, tis: Tensor | None = None,
+              clip_eps_high: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO's loss: the clipped surrogate on sequence advantages [B] broadcast over tokens
+    (the ratio clipped to [1 − clip_eps, 1 + clip_eps_high], DAPO's clip-higher),
     plus ``beta`` times the per-token KL term ``kl`` [B, N] when the KL is in the loss, both
     aggregated the same way over the completion ``mask``. ``tis`` [B, N]: importance weights
     on the surrogate (rollout.correction), not on the KL term (kl.is_correction)."""
-    surrogate, ratio, clipped = clipped_surrogate(logp, old_logp, advantages, clip_eps)
+    surrogate, ratio, clipped = clipped_surrogate(logp, old_logp, advantages, clip_eps,
+                                                  clip_eps_high)
     if tis is not None:
         surrogate = surrogate * tis
     policy_loss = aggregate(surrogate, mask, loss_agg)
@@ -138,7 +143,7 @@ class GRPO(Algorithm):
             anchor = old_logp if correction.anchor is None else correction.anchor
             loss, stats = grpo_loss(logp, anchor, advantages, mask, clip_eps=c.clip_eps,
                                     loss_agg=c.loss_agg, kl=kl_term, beta=beta,
-                                    tis=correction.weights)
+                                    tis=correction.weights, clip_eps_high=c.clip_eps_high)
             optimize(loss)
             if update == 0:
                 metrics.update({k: float(v) for k, v in stats.items()})

@@ -39,7 +39,7 @@ def train_policy(module: KLPolicyModule, steps: int, cfg: DictConfig,
     params = [p for p in module.policy.parameters() if p.requires_grad]
     if module.algo_module is not None:
         params += list(module.algo_module.parameters())
-    o = cfg.optim
+    o = module.optim  # the learning rate filled in as training fills it (optim.lr: null)
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas),
                                   weight_decay=o.weight_decay)
 

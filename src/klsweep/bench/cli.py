@@ -11,6 +11,10 @@ The limit: one warm-up step runs under ``FlopCounterMode``, which sees every mat
 shape is then timed alone, with the run's thread count. Their sum is the step's roofline: the
 time it would take doing nothing but its matrix products at this machine's measured rate on
 the model's own shapes. The fraction reached is that time over the measured step.
+
+``--shares [overrides]`` measures a whole run instead (the real command's, e.g.
+``task=reasoning``): the share of its wall time spent training the reference on first use,
+in the task's evaluations, and in the rest (``--warm``: with the reference cached).
 """
 
 from __future__ import annotations
@@ -45,6 +49,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="--lag: the synchronous loop on N threads too")
     parser.add_argument("--no-roofline", dest="roofline", action="store_false",
                         help="count no FLOPs and time no roofline")
+    parser.add_argument("--shares", action="store_true",
+                        help="time a whole run of the overrides' config: reference training, "
+                             "evaluation, the rest (klsweep.bench.shares)")
+    parser.add_argument("--warm", action="store_true",
+                        help="with --shares: the reference from the configured cache")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. algo.group_size=16")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -58,6 +67,12 @@ def main(argv: list[str] | None = None) -> None:
         result = compare(args.lag, rounds=args.rounds, threads=args.threads,
                          sync_threads=args.sync_threads, args=child)
         print(json.dumps(result) if args.json else table(result))
+        return
+    if args.shares:
+        from klsweep.bench.shares import measure_shares, shares_report
+
+        result = measure_shares(args.overrides, args.warm)
+        print(json.dumps(result) if args.json else shares_report(result))
         return
     result = measure(args.algo, args.steps, args.warmup, args.threads, args.overrides,
                      args.profile, counted=args.roofline, prompt_len=args.prompt_len,

@@ -52,6 +52,12 @@ def export_policy(policy: nn.Module, run_dir: Path | None) -> None:
             save_adapter(policy, run_dir / "adapter", state)
 
 
+def default_lr(model_cfg: Any) -> float:
+    """The learning rate ``optim.lr: null`` stands for with the model ``model_cfg`` names."""
+    kind = MODELS[model_cfg.kind]
+    return from_node(kind.Config, model_cfg).default_lr()
+
+
 def build_models(model_cfg: Any, task: Any) -> tuple[nn.Module, nn.Module]:
     """The policy (trainable) and the reference (frozen) that ``model_cfg`` names."""
     kind = MODELS[model_cfg.kind]
@@ -59,4 +65,4 @@ def build_models(model_cfg: Any, task: Any) -> tuple[nn.Module, nn.Module]:
 
 
 __all__ = ["MODELS", "Cache", "CausalLM", "KVCache", "ModelKind", "TinyConfig", "TinyGPT",
-           "build_models", "export_policy", "load_tokenizer"]
+           "build_models", "default_lr", "export_policy", "load_tokenizer"]

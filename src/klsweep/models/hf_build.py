@@ -85,6 +85,19 @@ class HFModelConfig:
     chunk_rows: int | None = spec(kind="integer", ge=1, optional=True,
                                   help="rows per forward pass without gradient (reference "
                                        "scoring): bounds activation memory; null: all")
+    lr: float = spec(1e-6, kind="number", gt=0,
+                     help="optim.lr's default fine-tuning a checkpoint in full (TRL: 1e-6)")
+    lora_lr: float = spec(1e-5, kind="number", gt=0,
+                          help="optim.lr's default with model.lora (10x full fine-tuning's)")
+    scratch_lr: float = spec(3e-4, kind="number", gt=0,
+                             help="optim.lr's default for a random arch (model.name=null)")
+
+    def default_lr(self) -> float:
+        """The learning rate optim.lr=null stands for: a pretrained checkpoint's (full or
+        LoRA) or a from-scratch arch's."""
+        if self.name is None:
+            return self.scratch_lr
+        return self.lr if self.lora is None else self.lora_lr
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, (dict, DictConfig)):

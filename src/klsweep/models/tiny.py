@@ -31,6 +31,11 @@ class TinyConfig:
     n_head: int = spec(kind="integer", ge=1, help="attention heads")
     n_embd: int = spec(kind="integer", ge=1, help="width (a multiple of n_head)")
     dropout: float = spec(kind="number", ge=0, lt=1, help="dropout in attention")
+    lr: float = spec(3e-4, kind="number", gt=0, help="optim.lr's default for this model")
+
+    def default_lr(self) -> float:
+        """The learning rate optim.lr=null stands for."""
+        return self.lr
 
     @staticmethod
     def check_run(cfg: DictConfig) -> None:
@@ -322,7 +327,7 @@ def build_tiny(config: TinyConfig, task: Any) -> tuple[TinyGPT, TinyGPT]:
                          f"(task={task.name} has none)")
     block_size = task.prompt_len + task.max_new_tokens
     model_key = {"vocab_size": task.vocab_size, "block_size": block_size} | {
-        k: v for k, v in asdict(config).items() if k != "kind"}
+        k: v for k, v in asdict(config).items() if k not in ("kind", "lr")}
     reference = pretrained_reference(TinyGPT(config, task.vocab_size, block_size), model_key,
                                      recipe)
     policy = copy.deepcopy(reference).train().requires_grad_(True)

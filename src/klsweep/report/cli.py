@@ -9,7 +9,9 @@ mean ± std over its seeds; groups are compared within one panel per (task, algo
 Each panel's schedules are also compared at equal drift, the reward where each run's KL
 first reached common levels (``equal_drift``: equal_drift.md, a section and a figure).
 KL-gradient audits found under the PATHs join the report (``audits``: their tables and
-figures copied beside it, a section).
+figures copied beside it, a section). Runs with a held-out evaluation (task=reasoning) add
+pass@k against k per group and its reference, accuracy against KL, entropy over the steps
+and a pass@k table (``rlvr``).
 ``--wandb`` logs the tables and figures to a W&B run of job_type=report (``wandb_run``).
 """
 
@@ -37,7 +39,7 @@ def build_report(paths: Sequence[str], out: Path | None = None,
     (default: the first path); return report.md's path. ``budget``: the KL level the
     equal-drift comparison always includes (default: the runs' common kl.target)."""
     from klsweep.report import audits as audit_files
-    from klsweep.report import equal_drift
+    from klsweep.report import equal_drift, rlvr
     from klsweep.report.figures import draw_all
     from klsweep.report.overoptimization import (
         FIGURE,
@@ -73,9 +75,13 @@ def build_report(paths: Sequence[str], out: Path | None = None,
         (out / equal_drift.TABLE).write_text("\n".join(drift_lines))
     audits = audit_files.find_audits(paths)
     figures.update(audit_files.copy_into(audits, out))
+    verifiable = rlvr.rlvr_groups(groups)
+    if verifiable:
+        figures.update(rlvr.draw(verifiable, out))
     report = out / "report.md"
     write_markdown(report, runs, groups, figures, [str(p) for p in paths],
-                   sections=[*(markdown_lines(proxies) if proxies else ()), *drift_lines,
+                   sections=[*(rlvr.markdown_lines(verifiable) if verifiable else ()),
+                             *(markdown_lines(proxies) if proxies else ()), *drift_lines,
                              *(audit_files.markdown_lines(audits) if audits else ())])
     if use_wandb:
         tables = {"equal_drift_table": (equal_drift.COLUMNS, [row for c in drift

@@ -52,6 +52,7 @@ class Task:
 
     name = "base"
     needs_tokenizer = False  # True: built with the model's tokenizer (text tasks)
+    needs_evaluation = False  # True: built with the eval node (held-out evaluation, pass@k)
     vocab_size: int
     eos_id: int
     prompt_len: int
@@ -89,6 +90,11 @@ class Task:
         ``exact/*``); ``beta_seq`` is the coefficient on sequence-level KL that the algorithm
         applies."""
         return {}
+
+    def take_samples(self) -> list[tuple[str, list[dict[str, Any]]]]:
+        """The samples the evaluations since the last call wrote, as (name, rows): the
+        training loop sends them to ``RUN_DIR/samples/<name>.jsonl`` and to W&B."""
+        return []
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs of the task's own state (saved in checkpoints)."""

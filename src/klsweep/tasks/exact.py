@@ -21,7 +21,9 @@ is exactly the V^L enumerated completions.
 Every ``eval_every`` steps and at the last one, ``evaluate`` computes the policy's and the
 reference's log-probability of every completion of every prompt by teacher forcing (batched
 forwards over the V^(L−1) prefixes, at most ``_ROWS_PER_FORWARD`` rows each: the last
-position gives all V last tokens at once) and logs ``exact/*`` (see klsweep.exact_math).
+position gives all V last tokens at once) and logs ``exact/*`` (see klsweep.exact_math),
+``exact/pass@k`` among them for each k of ``eval.k``: 1 − (1 − p)^k with p the policy's
+probability of a completion of top reward, averaged over prompts (klsweep.pass_at_k).
 ``finalize`` writes the last evaluation to ``exact.json``, from which every figure can be
 recomputed, and the exact best-of-n curve over π_ref (n = 1, 2, 4, …, 64), the
 inference-time baseline beside the frontier.
@@ -65,10 +67,12 @@ from klsweep.exact_math import (
     sequence_kl,
 )
 from klsweep.models.reference import ReferenceRecipe
+from klsweep.pass_at_k import exact_pass_at_k
 from klsweep.policy import PolicyPair
 from klsweep.rollout import Prompts, Rollout
 from klsweep.schema import ConfigError, from_node, spec
 from klsweep.tasks.base import SyntheticTaskConfig, Task
+from klsweep.tasks.evaluation import EvalConfig
 from klsweep.tasks.proxy import ProxyConfig, ProxyReward, check_proxy
 
 # rows per forward when enumerating: bounds activation memory for large vocabularies
@@ -122,9 +126,11 @@ class ExactEvaluation:
 class ExactTask(Task):
     name = "exact"
     Config = ExactConfig
+    needs_evaluation = True  # for eval.k: the exact pass@k
 
-    def __init__(self, config: ExactConfig) -> None:
+    def __init__(self, config: ExactConfig, evaluation: EvalConfig | None = None) -> None:
         self.config = config
+        self.evaluation = evaluation
         self.vocab_size = config.vocab_size
         self.eos_id = config.vocab_size  # outside the vocabulary: never sampled (see above)
         self.prompt_len = config.prompt_len
@@ -276,6 +282,10 @@ class ExactTask(Task):
         # the drift from the initial model, which a moving reference no longer is
         metrics["exact/kl_to_init"] = metrics["exact/kl"] if pair.initial is None else float(
             sequence_kl(policy_logp, initial_logp).mean())
+        if self.evaluation is not None:
+            p_top = self.top_probability(policy_logp)
+            metrics.update({f"exact/pass@{k}": exact_pass_at_k(p_top, k)
+                            for k in self.evaluation.k})
         if self.proxy is not None:
             metrics["exact/proxy_reward"] = metrics["exact/reward"]
             metrics["exact/gold_reward"] = float(
@@ -283,6 +293,12 @@ class ExactTask(Task):
         self.last_evaluation = ExactEvaluation(step, float(beta_seq), policy_logp, ref_logp,
                                                metrics)
         return metrics
+
+    def top_probability(self, logp: NDArray[np.float64]) -> NDArray[np.float64]:
+        """π(top|x) [X] under the table ``logp`` [X, Y]: the probability of a completion with
+        the prompt's top gold reward (what pass@k asks at least one of k samples to reach)."""
+        top = self.gold_table >= self.gold_table.max(axis=1, keepdims=True)
+        return (np.exp(logp) * top).sum(axis=1)
 
     def best_of_n(self, ref_logp: NDArray[np.float64]) -> dict[str, list[float]]:
         """The exact best-of-n policies over π_ref for n in ``BEST_OF_N``, choosing by the
