@@ -328,7 +328,6 @@ class PolicyPair:
 
     # --- the KL ------------------------------------------------------------------------------
     @torch.no_grad()
-    @torch.no_grad()
     def reward_penalty(self, logp: Tensor, ref_logp: Tensor, logits: Tensor,
                        ref_logits: Tensor, mask: Tensor) -> Tensor:
         """The configured divergence's per-token penalty [B, N] that β times leaves the

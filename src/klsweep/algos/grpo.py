@@ -140,7 +140,7 @@ class GRPO(Algorithm):
             kl_term = (pair.kl_loss_term(logp, scored.ref_logp, logits, scored.ref_logits,
                                          scored.kl_old_logp(old_logp), mask)
                        if placement == "loss" else None)
-            anchor = old_logp if correction.anchor is None else correction.anchor
+            anchor = correction.clip_anchor(old_logp)
             loss, stats = grpo_loss(logp, anchor, advantages, mask, clip_eps=c.clip_eps,
                                     loss_agg=c.loss_agg, kl=kl_term, beta=beta,
                                     tis=correction.weights, clip_eps_high=c.clip_eps_high)

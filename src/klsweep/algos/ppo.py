@@ -192,7 +192,7 @@ class PPO(Algorithm):
         # and, for AReaL's decoupled objective, the proximal policy the clip is taken against
         correction = pair.pg_correction(scored)
         metrics.update(correction.metrics)
-        anchor = old_logp if correction.anchor is None else correction.anchor
+        anchor = correction.clip_anchor(old_logp)
         kl_old_logp = scored.kl_old_logp(old_logp)
         totals: dict[str, float] = {}
         updates = 0

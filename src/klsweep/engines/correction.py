@@ -112,6 +112,10 @@ class Correction:
     anchor: Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)
 
+    def clip_anchor(self, old_logp: Tensor) -> Tensor:
+        """The log-probs the ratio is clipped against: π_prox's, else the step's ``old_logp``."""
+        return old_logp if self.anchor is None else self.anchor
+
 
 class PolicyGradientCorrection:
     """``rollout.correction`` with its cap: the weights on the policy-gradient term of samples
